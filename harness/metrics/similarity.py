@@ -1,0 +1,66 @@
+"""Full-reference image similarity: PSNR and SSIM (PhotoGuard's Table 1 uses both)."""
+
+from __future__ import annotations
+
+import piq
+import torch
+
+from harness.protocols import ConfigError, Metric, check_range
+from harness.types import ImageSet
+
+
+class PSNR(Metric):
+    """Peak signal-to-noise ratio in dB, data range 1, per image over all pixels and channels.
+
+    Matches ``skimage.metrics.peak_signal_noise_ratio(x, y, data_range=1)``, except that identical images
+    give ``max_db`` instead of +inf so that means and intervals stay finite.
+
+    Args:
+        max_db: value reported for identical images (and the cap for all images), default 100 dB.
+    """
+
+    name = "psnr"
+    version = "1"
+    higher_is_better = True
+
+    def __init__(self, max_db: float = 100.0):
+        self.max_db = check_range("metrics.psnr.max_db", max_db, 1.0, 1000.0)
+
+    def per_image(self, outputs: ImageSet, references: ImageSet) -> torch.Tensor:
+        mse = (outputs.images.double() - references.images.double()).pow(2).flatten(1).mean(dim=1)
+        with torch.no_grad():
+            psnr = 10.0 * torch.log10(1.0 / mse)
+        return psnr.clamp(max=self.max_db).nan_to_num(self.max_db)
+
+
+class SSIM(Metric):
+    """Structural similarity (Wang et al. 2004), per image, averaged over RGB channels, via ``piq.ssim``.
+
+    Gaussian window 11 x 11, sigma 1.5, K1 0.01, K2 0.03, data range 1, no downsampling; the same number as
+    ``skimage.metrics.structural_similarity(x, y, channel_axis=-1, data_range=1, gaussian_weights=True,
+    sigma=1.5, use_sample_covariance=False)``. Images must be at least ``kernel_size`` pixels on each side.
+    """
+
+    name = "ssim"
+    version = "1"
+    higher_is_better = True
+
+    def __init__(self, kernel_size: int = 11, kernel_sigma: float = 1.5):
+        if int(kernel_size) != kernel_size or kernel_size < 3 or kernel_size % 2 == 0:
+            raise ConfigError(f"metrics.ssim.kernel_size must be an odd integer >= 3, got {kernel_size!r}")
+        self.kernel_size = int(kernel_size)
+        self.kernel_sigma = check_range("metrics.ssim.kernel_sigma", kernel_sigma, 0.1, 10.0)
+
+    def per_image(self, outputs: ImageSet, references: ImageSet) -> torch.Tensor:
+        h, w = outputs.size
+        if min(h, w) < self.kernel_size:
+            raise ValueError(f"ssim needs images of at least {self.kernel_size} px a side, got {h} x {w}")
+        return piq.ssim(
+            outputs.images.double(),
+            references.images.double(),
+            kernel_size=self.kernel_size,
+            kernel_sigma=self.kernel_sigma,
+            data_range=1.0,
+            reduction="none",
+            downsample=False,
+        )

@@ -1,0 +1,229 @@
+"""The stage pipeline: data -> protect -> purify -> mimic -> measure, each stage through the artifact store.
+
+Every stage's key chains its parents' keys (see :mod:`harness.cache`), so a re-run finds every finished
+stage in the store and computes only what is missing, and a killed sweep resumes where it stopped.
+
+For the editing threat model the mimic also runs on the clean images (same config, same seed): success of
+the attacker means the edit of the purified protected image looks like the edit of the clean image.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.cache import ArtifactStore, canonical_json, load_imageset, save_imageset, stage_key
+from harness.metrics import budget_metrics
+from harness.protocols import Context, Defense, Metric, Mimic, Purifier
+from harness.seeding import derive_seed, make_generator
+from harness.types import ImageSet
+
+__all__ = ["Experiment", "StageRecord", "RunResult", "run_experiment"]
+
+log = logging.getLogger(__name__)
+
+STAGES = ("data", "protect", "purify", "mimic", "mimic_clean", "measure")
+
+
+@dataclass
+class Experiment:
+    """One cell of a sweep: the instantiated components and the resolved configs that key them.
+
+    Attributes:
+        dataset: has ``load() -> ImageSet``, ``name`` and ``version``.
+        defense, purifier, mimic: the components (``mimic`` may be None: then no mimic or its metrics run).
+        metrics: name -> Metric, applied to the mimic's outputs against its references.
+        model: the model spec (``harness.models.ModelSpec``) or None.
+        seed: the experiment seed; each stage derives its own from it.
+        configs: group -> resolved config (plain dicts) used for the stage keys: ``dataset``, ``defense``,
+            ``purifier``, ``mimic``, ``metrics``, ``model``.
+    """
+
+    dataset: Any
+    defense: Defense
+    purifier: Purifier
+    mimic: Mimic | None
+    metrics: Mapping[str, Metric]
+    model: Any
+    seed: int
+    configs: Mapping[str, Any]
+
+
+@dataclass
+class StageRecord:
+    """What happened to one stage in this run."""
+
+    stage: str
+    key: str
+    cached: bool
+    seconds: float
+    compute_seconds: float
+    seed: int | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    stages: dict[str, StageRecord]
+    per_image: dict[str, list[float]]
+    image_ids: list[str]
+    higher_is_better: dict[str, bool]
+    defense_info: dict[str, Any]
+    purifier_params: dict[str, Any]
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {k: (sum(v) / len(v) if v else float("nan")) for k, v in self.per_image.items()}
+
+    @property
+    def stage_keys(self) -> dict[str, str]:
+        return {k: r.key for k, r in self.stages.items()}
+
+
+def _stage_images(
+    store: ArtifactStore,
+    stage: str,
+    key: str,
+    seed: int | None,
+    label: str,
+    compute: Callable[[], tuple[ImageSet, dict[str, Any]]],
+) -> tuple[ImageSet, StageRecord]:
+    """Load a stage's ImageSet from the store, or compute, quantize and store it."""
+    t0 = time.perf_counter()
+    art = store.get(stage, key)
+    if art is not None:
+        images, extra = load_imageset(art.path)
+        dt = time.perf_counter() - t0
+        log.info("%-11s %-24s cached    (key %s, %.2f s)", stage, label, key[:12], dt)
+        return images, StageRecord(stage, key, True, dt, float(extra.get("compute_seconds", 0.0)), seed, extra)
+    images, extra = compute()
+    images = images.quantized()
+    compute_seconds = time.perf_counter() - t0
+    extra = {**extra, "compute_seconds": compute_seconds}
+    store.put(stage, key, lambda folder: save_imageset(folder, images, extra))
+    dt = time.perf_counter() - t0
+    log.info("%-11s %-24s computed  (key %s, %.2f s)", stage, label, key[:12], dt)
+    return images, StageRecord(stage, key, False, dt, compute_seconds, seed, extra)
+
+
+def _check_same_layout(stage: str, before: ImageSet, after: ImageSet) -> None:
+    if after.ids != before.ids or after.captions != before.captions:
+        raise RuntimeError(f"{stage}: the component changed the image ids or captions")
+    if after.images.shape != before.images.shape:
+        raise RuntimeError(
+            f"{stage}: the component changed the shape {tuple(before.images.shape)} -> {tuple(after.images.shape)}"
+        )
+
+
+def _model_cfg(component: Any, exp: Experiment) -> dict[str, Any]:
+    if getattr(component, "uses_model", False) and exp.model is not None:
+        return {"model": exp.model.key_dict() if hasattr(exp.model, "key_dict") else exp.configs.get("model")}
+    return {}
+
+
+def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunResult:
+    """Run every stage of ``exp`` through ``store`` and measure. Returns per-image metric values."""
+    rec: dict[str, StageRecord] = {}
+    cfg = exp.configs
+
+    # data
+    k_data = stage_key("data", {}, {"dataset": cfg["dataset"]}, exp.dataset.version, None)
+    clean, rec["data"] = _stage_images(
+        store, "data", k_data, None, exp.dataset.name, lambda: (exp.dataset.load(), {})
+    )
+    if len(clean) == 0:
+        raise RuntimeError("the dataset is empty")
+
+    # protect
+    s_protect = derive_seed(exp.seed, "protect")
+    k_protect = stage_key(
+        "protect", {"data": k_data}, {"defense": cfg["defense"], **_model_cfg(exp.defense, exp)},
+        exp.defense.version, s_protect,
+    )
+
+    def do_protect() -> tuple[ImageSet, dict[str, Any]]:
+        out = exp.defense.protect(clean, make_generator(s_protect), ctx)
+        _check_same_layout("protect", clean, out.images)
+        return out.images, {"info": dict(out.info)}
+
+    protected, rec["protect"] = _stage_images(store, "protect", k_protect, s_protect, exp.defense.name, do_protect)
+
+    # purify
+    s_purify = derive_seed(exp.seed, "purify")
+    k_purify = stage_key(
+        "purify", {"protect": k_protect}, {"purifier": cfg["purifier"], **_model_cfg(exp.purifier, exp)},
+        exp.purifier.version, s_purify,
+    )
+
+    def do_purify() -> tuple[ImageSet, dict[str, Any]]:
+        out = exp.purifier.purify(protected, make_generator(s_purify), ctx)
+        _check_same_layout("purify", protected, out.images)
+        return out.images, {"params": dict(out.params), "randomized": bool(exp.purifier.randomized)}
+
+    purified, rec["purify"] = _stage_images(store, "purify", k_purify, s_purify, exp.purifier.name, do_purify)
+
+    per_image: dict[str, list[float]] = {}
+    higher: dict[str, bool] = {}
+    for name, metric in budget_metrics().items():
+        per_image[f"budget/{name}"] = metric(protected, clean).tolist()
+        higher[f"budget/{name}"] = metric.higher_is_better
+    for name, metric in {"psnr": budget_metrics()["psnr"], "ssim": budget_metrics()["ssim"]}.items():
+        per_image[f"purified/{name}"] = metric(purified, clean).tolist()
+        higher[f"purified/{name}"] = metric.higher_is_better
+
+    # mimic (on the purified images, and on the clean ones as the reference for editing)
+    if exp.mimic is not None:
+        s_mimic = derive_seed(exp.seed, "mimic")
+        mimic_cfg = {"mimic": cfg["mimic"], **_model_cfg(exp.mimic, exp)}
+        k_mimic = stage_key("mimic", {"purify": k_purify}, mimic_cfg, exp.mimic.version, s_mimic)
+        outputs, rec["mimic"] = _stage_images(
+            store, "mimic", k_mimic, s_mimic, exp.mimic.name,
+            lambda: (exp.mimic.run(purified, make_generator(s_mimic), ctx), {}),
+        )
+        if exp.mimic.threat_model == "editing":
+            k_ref = stage_key("mimic", {"data": k_data}, mimic_cfg, exp.mimic.version, s_mimic)
+            references, rec["mimic_clean"] = _stage_images(
+                store, "mimic", k_ref, s_mimic, f"{exp.mimic.name} (clean)",
+                lambda: (exp.mimic.run(clean, make_generator(s_mimic), ctx), {}),
+            )
+        else:
+            references = clean
+
+        # measure: cached as JSON, keyed by its inputs and the metric configs
+        parents = {s: r.key for s, r in rec.items()}
+        k_measure = stage_key(
+            "measure", parents, {"metrics": cfg.get("metrics", {})},
+            canonical_json({n: m.version for n, m in exp.metrics.items()}), None,
+        )
+        t0 = time.perf_counter()
+        art = store.get("measure", k_measure)
+        if art is not None:
+            measured = art.meta()
+            cached = True
+        else:
+            measured = {"per_image": {}, "higher_is_better": {}}
+            for name, metric in exp.metrics.items():
+                measured["per_image"][f"{exp.mimic.threat_model}/{name}"] = metric(outputs, references).tolist()
+                measured["higher_is_better"][f"{exp.mimic.threat_model}/{name}"] = metric.higher_is_better
+            store.put("measure", k_measure, lambda f: (Path(f) / "meta.json").write_text(canonical_json(measured)))
+            cached = False
+        dt = time.perf_counter() - t0
+        log.info("%-11s %-24s %-9s (key %s, %.2f s)", "measure", ",".join(exp.metrics), "cached" if cached else "computed",
+                 k_measure[:12], dt)
+        rec["measure"] = StageRecord("measure", k_measure, cached, dt, dt, None)
+        per_image.update(measured["per_image"])
+        higher.update(measured["higher_is_better"])
+
+    return RunResult(
+        stages=rec,
+        per_image=per_image,
+        image_ids=list(clean.ids),
+        higher_is_better=higher,
+        defense_info=rec["protect"].extra.get("info", {}),
+        purifier_params=rec["purify"].extra.get("params", {}),
+    )
+

@@ -1,0 +1,172 @@
+"""The four kinds of component the pipeline composes: Defense, Purifier, Mimic and Metric.
+
+Components are plain classes with typed constructor arguments that validate at once and raise
+:class:`ConfigError` naming the bad option. They never import Hydra. Each has ``name`` and ``version``
+class attributes: bump ``version`` whenever behaviour changes; it is part of the stage key, so only that
+component's cached artifacts are invalidated.
+
+Every call receives a CPU ``torch.Generator`` (derived per stage, see :mod:`harness.seeding`) and a
+:class:`Context` with the runtime settings (device, batch size, the shared model loader). Runtime settings
+never change a result's cache key, so a component must give the same output whatever the batch size.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from harness.types import ImageSet
+
+__all__ = [
+    "ConfigError",
+    "Context",
+    "Component",
+    "Defense",
+    "DefenseOutput",
+    "Purifier",
+    "PurifierOutput",
+    "Mimic",
+    "Metric",
+]
+
+
+class ConfigError(ValueError):
+    """A component or experiment option is invalid. The message names the option."""
+
+
+def check_range(option: str, value: float, low: float, high: float) -> float:
+    """Return ``value`` as float if ``low <= value <= high``, else raise a ConfigError naming ``option``."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{option} must be a number, got {value!r}") from None
+    if not (low <= v <= high):
+        raise ConfigError(f"{option} must be in [{low}, {high}], got {value!r}")
+    return v
+
+
+def _identity_progress(iterable: Iterable, **_: Any) -> Iterable:
+    return iterable
+
+
+@dataclass
+class Context:
+    """Runtime settings handed to every component call. Never part of a cache key.
+
+    Attributes:
+        device: torch device string for model work ("cpu", "cuda", "cuda:1").
+        batch_size: images per forward pass.
+        model: the experiment's model spec (``harness.models.ModelSpec``) or None if none is configured.
+        progress: wraps an iterable in a progress bar: ``for x in ctx.progress(it, desc=..., total=...)``.
+    """
+
+    device: str = "cpu"
+    batch_size: int = 8
+    model: Any = None
+    progress: Callable[..., Iterable] = field(default=_identity_progress)
+
+    def pipeline(self, task: str = "img2img") -> Any:
+        """The memoized diffusers pipeline for ``task`` of the experiment's model."""
+        if self.model is None:
+            raise ConfigError("this component needs a model, but the experiment configures none (model=...)")
+        from harness.models import load_pipeline
+
+        return load_pipeline(self.model, task=task, device=self.device)
+
+
+class Component(ABC):
+    """Base of every component: ``name`` and ``version`` identify its behaviour in cache keys."""
+
+    name: ClassVar[str] = "component"
+    version: ClassVar[str] = "1"
+    #: True when the component's output depends on the model configured for the experiment.
+    uses_model: ClassVar[bool] = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, version={self.version!r})"
+
+
+@dataclass
+class DefenseOutput:
+    """What a defense returns.
+
+    Attributes:
+        images: the protected images (same ids, captions and size as the input).
+        info: flat map of numbers describing the optimisation, e.g. ``objective_before`` and
+            ``objective_after`` (a row shows that the protection did what it claims on its target model).
+    """
+
+    images: ImageSet
+    info: dict[str, float] = field(default_factory=dict)
+
+
+class Defense(Component):
+    """A protection: clean images in, protected images out."""
+
+    #: the budget's L-inf bound in [0, 1] pixel units, or None when the defense has no L-inf budget.
+    eps: float | None = None
+
+    @abstractmethod
+    def protect(self, images: ImageSet, generator: torch.Generator, ctx: Context) -> DefenseOutput:
+        """Protect ``images``. Shape (N, 3, H, W) in [0, 1] in and out; ids and captions kept."""
+
+
+@dataclass
+class PurifierOutput:
+    """What a purifier returns: the purified images and the parameters it used (sampled ones included)."""
+
+    images: ImageSet
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+class Purifier(Component):
+    """An attacker's preprocessing that tries to undo a protection."""
+
+    #: True when the output depends on the generator.
+    randomized: ClassVar[bool] = False
+
+    @abstractmethod
+    def purify(self, images: ImageSet, generator: torch.Generator, ctx: Context) -> PurifierOutput:
+        """Purify ``images``. Shape (N, 3, H, W) in [0, 1] in and out; ids and captions kept."""
+
+
+class Mimic(Component):
+    """An attacker's use of the model: an editor (one output per input) or a finetune-then-generate mimic.
+
+    ``threat_model`` says how success is measured (see DESIGN.md): ``"editing"`` compares the mimic's
+    output on the purified protected images with its output on the clean images, id by id, under the same
+    seed; ``"mimicry"`` compares generations with the artist's clean images.
+    """
+
+    threat_model: ClassVar[str] = "editing"
+    uses_model: ClassVar[bool] = True
+
+    @abstractmethod
+    def run(self, images: ImageSet, generator: torch.Generator, ctx: Context) -> ImageSet:
+        """Run the mimic on ``images`` and return its outputs as an ImageSet in [0, 1]."""
+
+
+class Metric(Component):
+    """A per-image score of ``outputs`` against ``references`` (paired by position, same ids).
+
+    ``higher_is_better`` tells tables and reports which way is success for the attacker.
+    """
+
+    higher_is_better: ClassVar[bool] = True
+
+    @abstractmethod
+    def per_image(self, outputs: ImageSet, references: ImageSet) -> torch.Tensor:
+        """Return a float64 tensor of shape (N,): one value per image."""
+
+    def __call__(self, outputs: ImageSet, references: ImageSet) -> torch.Tensor:
+        if outputs.ids != references.ids:
+            raise ValueError(f"{self.name}: outputs and references must have the same ids in the same order")
+        if outputs.images.shape != references.images.shape:
+            raise ValueError(
+                f"{self.name}: shapes differ: {tuple(outputs.images.shape)} vs {tuple(references.images.shape)}"
+            )
+        return self.per_image(outputs, references).to(torch.float64)

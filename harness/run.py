@@ -1,0 +1,221 @@
+"""Hydra entry point: ``python -m harness.run [group=option ...] [-m for sweeps]``.
+
+Composes the config tree under ``experiments/``, instantiates the components, runs the stage pipeline
+through the artifact store in ``runtime.cache_dir``, and writes one result row (JSON) into
+``${runtime.results_dir}/runs/``. After every run or sweep the summary tables in
+``${runtime.results_dir}/tables/`` are rebuilt from all rows.
+
+Examples::
+
+    python -m harness.run                                   # one run with the defaults
+    python -m harness.run -m defense=none,noise purifier=none,jpeg seed=0,1
+    python -m harness.run experiment=quickstart             # a recipe that carries its own sweep
+    python -m harness.run -m ... hydra/launcher=joblib      # local parallel jobs
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from harness.data import DataError
+from harness.cache import ArtifactStore, atomic_write_text, canonical_json
+from harness.pipeline import Experiment, RunResult, run_experiment
+from harness.protocols import ConfigError, Context
+from harness.provenance import provenance
+from harness.tables import write_tables
+
+log = logging.getLogger("harness.run")
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "experiments")
+ROW_SCHEMA = 1
+GROUPS = ("dataset", "model", "defense", "purifier", "mimic", "metrics")
+
+
+class HarnessError(RuntimeError):
+    """A user-facing error (bad option, bad input file, missing checkpoint): printed as one line."""
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device={device} but CUDA is not available on this machine (use cpu or auto)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"runtime.device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    return device
+
+
+def _progress(enabled: bool):
+    from tqdm.auto import tqdm
+
+    def wrap(iterable: Iterable, **kw: Any) -> Iterable:
+        return tqdm(iterable, disable=not enabled, leave=False, dynamic_ncols=True, **kw)
+
+    return wrap
+
+
+def _labels(cfg: DictConfig, choices: Mapping[str, str] | None, overrides: Sequence[str]) -> dict[str, str]:
+    """Readable names for the table: the config choice plus any option overridden on the command line."""
+    labels = {}
+    for group in GROUPS:
+        node = cfg.get(group)
+        base = (choices or {}).get(group)
+        if base is None:
+            base = "none" if node is None else str(node.get("_target_", group)).rsplit(".", 1)[-1]
+        extra = [o.split(".", 1)[1] for o in overrides if o.startswith(f"{group}.") and "=" in o]
+        labels[group] = f"{base}[{','.join(extra)}]" if extra else str(base)
+    return labels
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if node is not None else None
+
+
+def _instantiate(group: str, node: Any) -> Any:
+    if node is None:
+        return None
+    try:
+        return hydra.utils.instantiate(node, _convert_="all")
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, (ConfigError, FileNotFoundError, ValueError)):
+            raise HarnessError(f"{group}: {cause}") from cause
+        raise HarnessError(f"{group}: cannot instantiate {node.get('_target_')}: {err}") from err
+
+
+def build_experiment(cfg: DictConfig) -> Experiment:
+    if cfg.get("defense") is None or cfg.get("purifier") is None or cfg.get("dataset") is None:
+        raise HarnessError("dataset, defense and purifier must be configured (use defense=none, purifier=none)")
+    metrics_cfg = cfg.get("metrics") or {}
+    metrics = {str(name): _instantiate(f"metrics.{name}", node) for name, node in metrics_cfg.items()}
+    seed = cfg.get("seed", 0)
+    if not isinstance(seed, int) or seed < 0:
+        raise HarnessError(f"seed must be a non-negative integer, got {seed!r}")
+    return Experiment(
+        dataset=_instantiate("dataset", cfg.dataset),
+        defense=_instantiate("defense", cfg.defense),
+        purifier=_instantiate("purifier", cfg.purifier),
+        mimic=_instantiate("mimic", cfg.get("mimic")),
+        metrics=metrics,
+        model=_instantiate("model", cfg.get("model")),
+        seed=seed,
+        configs={g: _plain(cfg.get(g)) for g in GROUPS},
+    )
+
+
+def run_id(result: RunResult) -> str:
+    return hashlib.sha256(canonical_json(result.stage_keys).encode()).hexdigest()[:20]
+
+
+def make_row(cfg: DictConfig, exp: Experiment, result: RunResult, labels: dict[str, str], device: str) -> dict:
+    return {
+        "schema": ROW_SCHEMA,
+        "run_id": run_id(result),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "labels": labels,
+        "seed": exp.seed,
+        "seeds": {s: r.seed for s, r in result.stages.items() if r.seed is not None},
+        "stage_keys": result.stage_keys,
+        "stages": {
+            s: {"cached": r.cached, "seconds": round(r.seconds, 4), "compute_seconds": round(r.compute_seconds, 4)}
+            for s, r in result.stages.items()
+        },
+        "metrics": result.metrics,
+        "higher_is_better": result.higher_is_better,
+        "per_image": result.per_image,
+        "image_ids": result.image_ids,
+        "budget": {
+            "eps": getattr(exp.defense, "eps", None),
+            **{f"{k.split('/', 1)[1]}_mean": v for k, v in result.metrics.items() if k.startswith("budget/")},
+            **{
+                f"{k.split('/', 1)[1]}_max": max(v)
+                for k, v in result.per_image.items()
+                if k.startswith("budget/") and k.split("/")[1] in ("linf", "l2") and v
+            },
+        },
+        "defense_info": result.defense_info,
+        "purifier_params": result.purifier_params,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "provenance": provenance(device),
+    }
+
+
+def run_from_config(
+    cfg: DictConfig, choices: Mapping[str, str] | None = None, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Run one experiment from a composed config and write its result row. Returns the row."""
+    rt = cfg.runtime
+    device = resolve_device(str(rt.device))
+    if int(rt.batch_size) < 1:
+        raise ConfigError(f"runtime.batch_size must be >= 1, got {rt.batch_size}")
+    exp = build_experiment(cfg)
+    labels = _labels(cfg, choices, overrides)
+    log.info(
+        "experiment: dataset=%s model=%s defense=%s purifier=%s mimic=%s seed=%d (device %s)",
+        labels["dataset"], labels["model"], labels["defense"], labels["purifier"], labels["mimic"], exp.seed, device,
+    )
+    ctx = Context(device=device, batch_size=int(rt.batch_size), model=exp.model, progress=_progress(bool(rt.progress)))
+    store = ArtifactStore(rt.cache_dir)
+    result = run_experiment(exp, store, ctx)
+    row = make_row(cfg, exp, result, labels, device)
+    path = Path(rt.results_dir) / "runs" / f"{row['run_id']}.json"
+    atomic_write_text(path, json.dumps(row, indent=1, sort_keys=False, allow_nan=True) + "\n")
+    headline = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if not k.startswith("purified/"))
+    n_cached = sum(r.cached for r in result.stages.values())
+    log.info("row %s: %d/%d stages cached; %s", path, n_cached, len(result.stages), headline)
+    return row
+
+
+class RebuildTables(Callback):
+    """Hydra callback: rebuild the summary tables after a single run and after a whole sweep."""
+
+    def _rebuild(self, config: DictConfig) -> None:
+        try:
+            results_dir = config.runtime.results_dir
+        except Exception:  # the config of a failed composition
+            return
+        with contextlib.suppress(FileNotFoundError):
+            write_tables(results_dir)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._rebuild(config)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._rebuild(config)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> dict[str, float]:
+    hc = HydraConfig.get()
+    choices = dict(hc.runtime.choices)
+    try:
+        row = run_from_config(cfg, choices=choices, overrides=list(hc.overrides.task))
+    except (HarnessError, ConfigError) as err:
+        log.error("error: %s", err)
+        raise SystemExit(2) from None
+    except (FileNotFoundError, DataError) as err:  # missing checkpoint, bad input file: the message names it
+        log.error("error: %s", err)
+        raise SystemExit(2) from None
+    return row["metrics"]
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

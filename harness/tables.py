@@ -1,0 +1,171 @@
+"""Result rows -> summary tables.
+
+Reads every row in ``<results_dir>/runs/*.json`` and writes ``<results_dir>/tables/summary.csv`` and
+``summary.md``: one line per dataset x model x defense x purifier x mimic, and for each metric the mean over
+images and seeds with a 95% interval from a two-level bootstrap (resample seeds, then images within each
+seed; 2000 resamples, fixed RNG, so the same rows always give the same table).
+
+    python -m harness.tables --results-dir results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from harness.cache import atomic_write_text
+
+__all__ = ["load_rows", "summarize", "bootstrap_ci", "write_tables", "GROUP_COLUMNS"]
+
+log = logging.getLogger(__name__)
+
+GROUP_COLUMNS = ["dataset", "model", "defense", "purifier", "mimic"]
+N_BOOTSTRAP = 2000
+
+
+def load_rows(results_dir: str | Path) -> list[dict[str, Any]]:
+    """All result rows under ``results_dir/runs``, sorted by file name. Unreadable rows are skipped with a warning."""
+    runs = Path(results_dir) / "runs"
+    rows = []
+    for path in sorted(runs.glob("*.json")):
+        try:
+            row = json.loads(path.read_text())
+            if not isinstance(row, dict) or "per_image" not in row or "labels" not in row:
+                raise ValueError("not a result row (no 'labels' or 'per_image')")
+        except (OSError, ValueError) as err:
+            log.warning("skipping %s: %s", path, err)
+            continue
+        rows.append(row)
+    return rows
+
+
+def bootstrap_ci(
+    values_by_seed: Sequence[Sequence[float]], n_boot: int = N_BOOTSTRAP, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean and percentile interval of the pooled mean, resampling seeds and then images within seeds.
+
+    Args:
+        values_by_seed: one sequence of per-image values per seed.
+
+    Returns:
+        (mean, low, high). With one seed and one image the interval is that value.
+    """
+    groups = [np.asarray(v, dtype=np.float64) for v in values_by_seed if len(v)]
+    if not groups:
+        return math.nan, math.nan, math.nan
+    mean = float(np.mean(np.concatenate(groups)))
+    rng = np.random.default_rng(seed)
+    n_seeds = len(groups)
+    lengths = np.array([len(g) for g in groups])
+    picks = rng.integers(0, n_seeds, (n_boot, n_seeds))  # which seed fills each slot of each resample
+    total = np.zeros(n_boot)
+    for slot in range(n_seeds):
+        # for every seed, a fresh resample of its images in every bootstrap draw; keep the picked seed's
+        sums = np.stack([g[rng.integers(0, len(g), (n_boot, len(g)))].sum(axis=1) for g in groups], axis=1)
+        total += sums[np.arange(n_boot), picks[:, slot]]
+    boots = total / lengths[picks].sum(axis=1)
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(boots, [alpha, 1 - alpha])
+    return mean, float(lo), float(hi)
+
+
+def summarize(rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, dict[str, bool]]:
+    """Aggregate rows into one line per group. Returns the table and metric -> higher_is_better."""
+    higher: dict[str, bool] = {}
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        key = tuple(row["labels"].get(c, "") for c in GROUP_COLUMNS)
+        groups.setdefault(key, []).append(row)
+        higher.update(row.get("higher_is_better", {}))
+    metric_names = sorted({m for row in rows for m in row["per_image"]}, key=_metric_order)
+    records = []
+    for key in sorted(groups):
+        members = groups[key]
+        rec: dict[str, Any] = dict(zip(GROUP_COLUMNS, key))
+        rec["seeds"] = len({r.get("seed") for r in members})
+        rec["images"] = max(len(r.get("image_ids", [])) for r in members)
+        for m in metric_names:
+            by_seed = [r["per_image"][m] for r in members if m in r["per_image"]]
+            mean, lo, hi = bootstrap_ci(by_seed)
+            rec[f"{m} mean"], rec[f"{m} ci_low"], rec[f"{m} ci_high"] = mean, lo, hi
+        records.append(rec)
+    return pd.DataFrame.from_records(records), higher
+
+
+def _metric_order(name: str) -> tuple[int, str]:
+    prefix = name.split("/", 1)[0]
+    order = {"editing": 0, "mimicry": 0, "budget": 2, "purified": 3}
+    return order.get(prefix, 1), name
+
+
+def _fmt(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    a = abs(x)
+    if a >= 100:
+        return f"{x:.1f}"
+    if a >= 1:
+        return f"{x:.2f}"
+    return f"{x:.4f}"
+
+
+def to_markdown(table: pd.DataFrame, higher: dict[str, bool]) -> str:
+    """A Markdown table: each metric as "mean [low, high]" with an arrow for the better direction."""
+    metrics = [c[: -len(" mean")] for c in table.columns if c.endswith(" mean")]
+    header = [*GROUP_COLUMNS, "seeds", "images"]
+    header += [f"{m} {'↑' if higher.get(m, True) else '↓'}" for m in metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, r in table.iterrows():
+        cells = [str(r[c]) for c in GROUP_COLUMNS] + [str(r["seeds"]), str(r["images"])]
+        for m in metrics:
+            cells.append(f"{_fmt(r[f'{m} mean'])} [{_fmt(r[f'{m} ci_low'])}, {_fmt(r[f'{m} ci_high'])}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    note = (
+        "\nEach cell: mean over images and seeds [95% interval, two-level bootstrap over seeds and images]. "
+        "↑/↓: higher/lower is better for the attacker. Generated by `python -m harness.tables` from the rows "
+        "in `runs/`; do not edit.\n"
+    )
+    return "\n".join(lines) + "\n" + note
+
+
+def write_tables(results_dir: str | Path) -> Path | None:
+    """Rebuild ``tables/summary.csv`` and ``tables/summary.md`` from all rows. Returns the tables folder."""
+    results_dir = Path(results_dir)
+    rows = load_rows(results_dir)
+    if not rows:
+        log.warning("no result rows in %s; no tables written", results_dir / "runs")
+        return None
+    table, higher = summarize(rows)
+    out = results_dir / "tables"
+    atomic_write_text(out / "summary.csv", table.to_csv(index=False, float_format="%.6g", lineterminator="\n"))
+    atomic_write_text(out / "summary.md", to_markdown(table, higher))
+    log.info("tables rebuilt from %d rows: %s", len(rows), out / "summary.md")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.tables", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results-dir", default="results", help="folder holding runs/ (default: results)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not (Path(args.results_dir) / "runs").is_dir():
+        print(f"error: no runs/ folder in --results-dir {args.results_dir}", file=sys.stderr)
+        return 2
+    out = write_tables(args.results_dir)
+    if out is None:
+        return 1
+    print((out / "summary.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
