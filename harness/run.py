@@ -32,8 +32,8 @@ from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from harness.data import DataError
 from harness.cache import ArtifactStore, atomic_write_text, canonical_json
+from harness.data import DataError
 from harness.pipeline import Experiment, RunResult, run_experiment
 from harness.protocols import ConfigError, Context
 from harness.provenance import provenance

@@ -90,7 +90,7 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, dict[str, bool]
     records = []
     for key in sorted(groups):
         members = groups[key]
-        rec: dict[str, Any] = dict(zip(GROUP_COLUMNS, key))
+        rec: dict[str, Any] = dict(zip(GROUP_COLUMNS, key, strict=False))
         rec["seeds"] = len({r.get("seed") for r in members})
         rec["images"] = max(len(r.get("image_ids", [])) for r in members)
         for m in metric_names:

@@ -1,0 +1,147 @@
+"""End to end: the Hydra sweep writes rows and tables, re-runs come from the cache, a killed sweep resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+FAST = ["dataset.limit=2", "mimic.steps=4", "runtime.progress=false"]
+SWEEP = ["-m", "defense=none,noise", "purifier=none,jpeg", "seed=0,1"]
+
+
+def harness_cmd(results: Path, cache: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "harness.run", *args, f"runtime.results_dir={results}", f"runtime.cache_dir={cache}",
+            *FAST]
+
+
+def run(cmd, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def rows(results: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((results / "runs").glob("*.json"))}
+
+
+def snapshot(cache: Path) -> dict[str, int]:
+    return {str(p.relative_to(cache)): p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    base = tmp_path_factory.mktemp("sweep")
+    results, cache = base / "R", base / "C"
+    run(harness_cmd(results, cache, *SWEEP))
+    return results, cache
+
+
+def test_sweep_writes_eight_rows_and_tables(sweep):
+    results, _ = sweep
+    got = rows(results)
+    assert len(got) == 8
+    for row in got.values():
+        assert {"config", "stage_keys", "metrics", "budget", "stages", "seeds", "provenance"} <= set(row)
+        assert "runtime" in row["config"]
+        assert row["provenance"]["packages"]["torch"]
+        assert set(row["stages"]) == {"data", "protect", "purify", "mimic", "mimic_clean", "measure"}
+        if row["labels"]["defense"] == "noise":
+            assert row["budget"]["linf_max"] <= 8 / 255 + 1 / 255
+    summary = (results / "tables" / "summary.csv").read_text().strip().splitlines()
+    assert len(summary) == 1 + 4  # header + defense x purifier x mimic
+    assert "editing/ssim" in (results / "tables" / "summary.md").read_text()
+
+
+def test_rerun_is_served_from_cache_and_rewrites_nothing(sweep):
+    results, cache = sweep
+    before_rows, before = rows(results), snapshot(cache)
+    out = run(harness_cmd(results, cache, *SWEEP))
+    assert " computed " not in out
+    after_rows = rows(results)
+    assert before_rows.keys() == after_rows.keys()
+    for k, row in after_rows.items():
+        assert all(s["cached"] for s in row["stages"].values())
+        assert row["per_image"] == before_rows[k]["per_image"]
+    assert snapshot(cache) == before
+
+
+def test_changing_only_the_purifier_reuses_protections_and_runtime_never_changes_keys(sweep, tmp_path):
+    results, cache = sweep
+    run(harness_cmd(tmp_path / "R", cache, "defense=noise", "purifier=jpeg", "purifier.quality=50",
+                    "runtime.batch_size=1"))
+    (row,) = rows(tmp_path / "R").values()
+    assert row["stages"]["data"]["cached"] and row["stages"]["protect"]["cached"]
+    assert not row["stages"]["purify"]["cached"]
+    assert row["stages"]["mimic_clean"]["cached"]  # batch size is a runtime setting
+
+
+def test_killed_sweep_resumes_to_the_same_rows(sweep, tmp_path):
+    results_ref, _ = sweep
+    results, cache = tmp_path / "R", tmp_path / "C"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(harness_cmd(results, cache, *SWEEP), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((results / "runs").glob("*.json"))) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(list((results / "runs").glob("*.json"))) < 8, "the sweep finished before it could be killed"
+    run(harness_cmd(results, cache, *SWEEP))
+    got, ref = rows(results), rows(results_ref)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert got[k]["per_image"] == ref[k]["per_image"]
+        assert got[k]["stage_keys"] == ref[k]["stage_keys"]
+
+
+def test_joblib_launcher_with_a_shared_cache_gives_the_same_rows(sweep, tmp_path):
+    results_ref, _ = sweep
+    run(harness_cmd(tmp_path / "R", tmp_path / "C", *SWEEP, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"))
+    got, ref = rows(tmp_path / "R"), rows(results_ref)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert got[k]["stage_keys"] == ref[k]["stage_keys"]
+        for m, values in ref[k]["per_image"].items():
+            if m.startswith(("budget/", "purified/")):  # CPU noise and JPEG: bit-exact
+                assert got[k]["per_image"][m] == values
+            else:  # model outputs: joblib workers use other thread counts, so float sums may round differently
+                assert got[k]["per_image"][m] == pytest.approx(values, rel=0.02)
+
+
+def test_submitit_local_launcher(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    run(harness_cmd(tmp_path / "R", tmp_path / "C", "-m", "defense=noise", "hydra/launcher=local_processes"))
+    assert len(rows(tmp_path / "R")) == 1
+
+
+def test_tables_cli_rebuilds_identically(sweep, tmp_path):
+    results, _ = sweep
+    md = (results / "tables" / "summary.md").read_text()
+    run([sys.executable, "-m", "harness.tables", "--results-dir", str(results)])
+    assert (results / "tables" / "summary.md").read_text() == md
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["defense=nosuchdefense"], "nosuchdefense"),
+        (["defense=noise", "defense.eps=2"], "defense.eps"),
+        (["dataset=folder", "dataset.path=/no/such/folder"], "/no/such/folder"),
+        (["model=local", "model.source=/no/such/model"], "/no/such/model"),
+    ],
+)
+def test_bad_options_give_one_clear_error(tmp_path, args, needle):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run(harness_cmd(tmp_path / "R", tmp_path / "C", *args), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert needle in proc.stdout + proc.stderr
