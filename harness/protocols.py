@@ -78,7 +78,7 @@ class Context:
         return load_pipeline(self.model, task=task, device=self.device)
 
 
-class Component(ABC):
+class Component(ABC):  # noqa: B024 (the kinds below declare the abstract methods)
     """Base of every component: ``name`` and ``version`` identify its behaviour in cache keys."""
 
     name: ClassVar[str] = "component"
