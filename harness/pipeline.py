@@ -168,12 +168,12 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
 
     per_image: dict[str, list[float]] = {}
     higher: dict[str, bool] = {}
+    # the protection's realised budget, and how far the purifier moved the images from the clean ones
     for name, metric in budget_metrics().items():
-        per_image[f"budget/{name}"] = metric(protected, clean).tolist()
-        higher[f"budget/{name}"] = metric.higher_is_better
-    for name, metric in {"psnr": budget_metrics()["psnr"], "ssim": budget_metrics()["ssim"]}.items():
-        per_image[f"purified/{name}"] = metric(purified, clean).tolist()
-        higher[f"purified/{name}"] = metric.higher_is_better
+        pairs = [("budget", protected)] + ([("purified", purified)] if name in ("psnr", "ssim") else [])
+        for prefix, images in pairs:
+            per_image[f"{prefix}/{name}"] = metric(images, clean).tolist()
+            higher[f"{prefix}/{name}"] = metric.higher_is_better
 
     # mimic (on the purified images, and on the clean ones as the reference for editing)
     if exp.mimic is not None:
