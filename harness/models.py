@@ -12,6 +12,9 @@ img2img after text2img costs no memory.
   resolution is 32 px (``ModelSpec(source="tiny-random", resolution=32)``): the VAE downsamples 2x, so 32 px
   images become 16x16 latents. Its outputs are meaningless pictures; it exists so that every code path runs
   in tests and smoke runs. The inpaint variant has a 9-channel UNet and serves only ``task="inpaint"``.
+* ``"tiny-sd"`` / ``"tiny-sd-inpaint"``: the embedded world's latent diffusion models, trained by the project
+  (``python -m harness.zoo train``) and shipped inside the package (``harness/zoo/<name>/``, fp16 weights, 64 px).
+  They load through the same ``DiffusionPipeline.from_pretrained`` path as a local folder.
 * a local folder written by diffusers' ``save_pretrained`` (contains ``model_index.json``); a source that
   starts with ``/``, ``./``, ``../`` or ``~``, or that exists on disk, is taken as such a path.
 * a Hugging Face hub id such as ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``, read from the local
@@ -49,6 +52,8 @@ __all__ = [
     "TASKS",
     "TINY_RANDOM_SOURCES",
     "TINY_RANDOM_RESOLUTION",
+    "SHIPPED_MODELS",
+    "shipped_model_path",
     "build_tiny_random",
     "save_tiny_random",
     "tiny_clip_tokenizer",
@@ -65,6 +70,26 @@ TASKS: tuple[str, ...] = ("text2img", "img2img", "inpaint")
 TINY_RANDOM_SOURCES: tuple[str, ...] = ("tiny-random", "tiny-random-inpaint")
 #: the native image side of the tiny-random pipelines, in pixels.
 TINY_RANDOM_RESOLUTION = 32
+#: diffusion models shipped inside the package (``harness/zoo/<name>``), trained on the embedded world.
+SHIPPED_MODELS: tuple[str, ...] = ("tiny-sd", "tiny-sd-inpaint")
+
+
+def shipped_model_path(name: str) -> Path:
+    """The folder of a shipped model (``harness/zoo/<name>``); it may be missing in a partial checkout."""
+    return Path(__file__).resolve().parent / "zoo" / name
+
+
+@lru_cache(maxsize=8)
+def _folder_digest(folder: str, mtimes: tuple[float, ...]) -> str:
+    """SHA-256 over the weight files of a model folder (names and bytes), memoized by their mtimes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -80,7 +105,7 @@ class ModelNotFoundError(FileNotFoundError):
 
 def _is_local_source(source: str) -> bool:
     """Whether ``source`` names a local folder rather than a hub id (tiny-random sources are neither)."""
-    if source in TINY_RANDOM_SOURCES:
+    if source in TINY_RANDOM_SOURCES or source in SHIPPED_MODELS:
         return False
     return source.startswith(_PATH_PREFIXES) or os.path.exists(os.path.expanduser(source))
 
@@ -136,9 +161,11 @@ class ModelSpec:
 
     @property
     def kind(self) -> str:
-        """``"tiny-random"``, ``"local"`` or ``"hub"``: how :func:`load_pipeline` reads this source."""
+        """``"tiny-random"``, ``"shipped"``, ``"local"`` or ``"hub"``: how :func:`load_pipeline` reads it."""
         if self.source in TINY_RANDOM_SOURCES:
             return "tiny-random"
+        if self.source in SHIPPED_MODELS:
+            return "shipped"
         return "local" if _is_local_source(self.source) else "hub"
 
     @property
@@ -151,7 +178,8 @@ class ModelSpec:
 
         Returns:
             ``{"source", "dtype", "revision", "variant", "resolution"}``, plus ``"path"`` (the resolved
-            absolute folder) for a local source. The weights themselves are not hashed.
+            absolute folder) for a local source, or ``"weights_sha256"`` (a digest of the weight files) for a
+            shipped model, so retrained shipped weights invalidate cached results. Other weights are not hashed.
         """
         key: dict[str, Any] = {
             "source": self.source,
@@ -162,6 +190,12 @@ class ModelSpec:
         }
         if self.kind == "local":
             key["path"] = str(_resolved_path(self.source))
+        elif self.kind == "shipped":
+            folder = shipped_model_path(self.source)
+            files = sorted(folder.rglob("*.safetensors"))
+            key["weights_sha256"] = (
+                _folder_digest(str(folder), tuple(f.stat().st_mtime for f in files)) if files else None
+            )
         return key
 
 
@@ -172,12 +206,45 @@ class ModelSpec:
 #: Merges of the generated tokenizer, in priority order: common English letter pairs and a few whole
 #: short words, so that prompts give a mix of merged and single-byte tokens (as with real CLIP BPE).
 _TINY_MERGES: tuple[tuple[str, str], ...] = (
-    ("t", "h"), ("i", "n"), ("e", "r"), ("a", "n"), ("r", "e"), ("o", "n"), ("e", "n"), ("o", "r"),
-    ("a", "r"), ("a", "l"), ("s", "t"), ("i", "t"), ("o", "u"), ("e", "s"), ("i", "s"),
-    ("p", "h"), ("o", "t"), ("ph", "ot"), ("phot", "o</w>"), ("th", "e</w>"), ("o", "f</w>"),
-    ("a", "t</w>"), ("in", "g</w>"), ("an", "d</w>"), ("i", "n</w>"), ("o", "n</w>"), ("t", "o</w>"),
-    ("i", "s</w>"), ("e", "d</w>"), ("e", "r</w>"), ("l", "e</w>"), ("c", "at</w>"), ("d", "o"),
-    ("do", "g</w>"), ("st", "y"), ("sty", "le</w>"), ("p", "a"), ("pa", "in"), ("t", "ing</w>"),
+    ("t", "h"),
+    ("i", "n"),
+    ("e", "r"),
+    ("a", "n"),
+    ("r", "e"),
+    ("o", "n"),
+    ("e", "n"),
+    ("o", "r"),
+    ("a", "r"),
+    ("a", "l"),
+    ("s", "t"),
+    ("i", "t"),
+    ("o", "u"),
+    ("e", "s"),
+    ("i", "s"),
+    ("p", "h"),
+    ("o", "t"),
+    ("ph", "ot"),
+    ("phot", "o</w>"),
+    ("th", "e</w>"),
+    ("o", "f</w>"),
+    ("a", "t</w>"),
+    ("in", "g</w>"),
+    ("an", "d</w>"),
+    ("i", "n</w>"),
+    ("o", "n</w>"),
+    ("t", "o</w>"),
+    ("i", "s</w>"),
+    ("e", "d</w>"),
+    ("e", "r</w>"),
+    ("l", "e</w>"),
+    ("c", "at</w>"),
+    ("d", "o"),
+    ("do", "g</w>"),
+    ("st", "y"),
+    ("sty", "le</w>"),
+    ("p", "a"),
+    ("pa", "in"),
+    ("t", "ing</w>"),
     ("pain", "ting</w>"),
 )
 
@@ -407,6 +474,15 @@ def _not_found_message(spec: ModelSpec, problem: str, error: BaseException | Non
     lines = [f"model checkpoint not found for model.source={spec.source!r}: {problem}.", "Where the harness looked:"]
     if spec.kind == "local":
         lines.append(f"  - the local folder {_resolved_path(spec.source)} (a diffusers folder with model_index.json)")
+    elif spec.kind == "shipped":
+        lines.append(f"  - the shipped model folder {shipped_model_path(spec.source)}")
+        lines.append(
+            f"How to fix: reinstall the package from a complete checkout, or retrain the weights with "
+            f"`python -m harness.zoo train {spec.source}`."
+        )
+        if error is not None:
+            lines.append(f"Original error: {type(error).__name__}: {error}")
+        return "\n".join(lines)
     else:
         rev = f", revision={spec.revision!r}" if spec.revision else ""
         var = f", variant={spec.variant!r}" if spec.variant else ""
@@ -454,8 +530,8 @@ def _from_pretrained(spec: ModelSpec, torch_dtype: torch.dtype) -> Any:
     from diffusers import DiffusionPipeline
     from huggingface_hub import constants
 
-    if spec.kind == "local":
-        folder = _resolved_path(spec.source)
+    if spec.kind in ("local", "shipped"):
+        folder = shipped_model_path(spec.source) if spec.kind == "shipped" else _resolved_path(spec.source)
         if not folder.is_dir():
             what = "is a file, not a folder" if folder.exists() else "does not exist"
             raise ModelNotFoundError(_not_found_message(spec, f"the folder {folder} {what}"))
@@ -535,8 +611,7 @@ def _task_pipeline(base: Any, task: str, spec: ModelSpec) -> Any:
         pipe = auto.from_pipe(base, scheduler=scheduler)
     except ValueError as error:  # no pipeline of that task for this model family
         raise ConfigError(
-            f"task={task!r} is not available for model.source={spec.source!r} "
-            f"({type(base).__name__}): {error}"
+            f"task={task!r} is not available for model.source={spec.source!r} ({type(base).__name__}): {error}"
         ) from error
     pipe.set_progress_bar_config(disable=True)
     return pipe

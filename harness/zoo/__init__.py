@@ -1,0 +1,1 @@
+"""Shipped tiny models of the embedded world and the scripts that train them."""
