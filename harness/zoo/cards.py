@@ -1,0 +1,129 @@
+"""Model cards of the shipped models, generated from their training records and measured figures.
+
+Each model folder holds ``training.json`` (written by ``python -m harness.zoo train``) and ``figures.json``
+(written by ``python -m harness.zoo evaluate``); the card (``README.md``) is rebuilt from both, never by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+ZOO = Path(__file__).resolve().parent
+
+_ABOUT = {
+    "tiny-clip": (
+        "A small image-text model trained contrastively on the embedded world (all 13 procedural artists, held-out "
+        "ones included, and crops of the bundled sample photos). It is the judge of the embedded default: "
+        "zero-shot style classification, image-prompt and image-image similarity, features for FID/KID.\n\n"
+        "**This is not OpenAI CLIP** and not any published CLIP: its scores describe the embedded world only "
+        "and must never be compared with published CLIP numbers. Metrics computed with it carry `tiny-clip` in "
+        "their name.\n\n"
+        "Loads with open_clip: `open_clip.create_model_from_pretrained('local-dir:<this folder>')` (the "
+        "harness does this through `harness.metrics.clip.load_clip('tiny-clip')`)."
+    ),
+    "tiny-sd": (
+        "A text-to-image latent diffusion model in diffusers' Stable Diffusion format (AutoencoderKL, "
+        "UNet2DConditionModel, CLIPTextModel + CLIPTokenizer, DDIM scheduler), trained from scratch at 64 x 64 "
+        "on the 10 training artists of the embedded world and crops of the bundled sample photos. The three "
+        "held-out artists (halftonia, cyanora, impastel) were never shown to it: they are the styles a mimic "
+        "must learn. Loads with `DiffusionPipeline.from_pretrained(<this folder>)`, or in the harness with "
+        "`model=tiny-sd`."
+    ),
+    "tiny-sd-inpaint": (
+        "The inpainting variant of tiny-sd: the same VAE and text encoder, and a UNet with 9 input channels "
+        "(4 noisy latents, 1 mask, 4 masked-image latents) initialised from tiny-sd's UNet and trained with "
+        "random rectangle, ellipse, stroke and full-image masks. Loads with `DiffusionPipeline.from_pretrained`, "
+        "or in the harness with `model=tiny-sd-inpaint`."
+    ),
+}
+
+_TRAIN_KEYS = (
+    "stage",
+    "seed",
+    "steps",
+    "batch",
+    "lr",
+    "ema_decay",
+    "train_images",
+    "latents_with_flips",
+    "crop_px",
+    "caption_dropout",
+    "min_snr_gamma",
+    "init",
+    "full_mask_fraction",
+    "scaling_factor",
+    "seconds",
+    "device",
+    "threads",
+)
+
+
+def _table(rows: list[tuple[str, Any]]) -> list[str]:
+    lines = ["| quantity | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    return lines
+
+
+def _flatten(prefix: str, value: Any, out: list[tuple[str, Any]]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out.append((prefix, value))
+
+
+def _weights_mb(folder: Path) -> float:
+    files = list(folder.rglob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) / 2**20
+
+
+def card(model: str) -> str:
+    folder = ZOO / model
+    training = json.loads((folder / "training.json").read_text()) if (folder / "training.json").is_file() else []
+    figures = json.loads((folder / "figures.json").read_text()) if (folder / "figures.json").is_file() else {}
+    lines = [f"# {model}", "", _ABOUT[model], ""]
+    lines += [
+        "## Training",
+        "",
+        f"Reproduce with `python -m harness.zoo train {model}` (seed 0 by default; the work folder keeps "
+        "checkpoints, so an interrupted run resumes). Data: procedural artworks rendered by "
+        "`harness.world` (train split) and random crops of the sample photos bundled by scikit-image, "
+        "scikit-learn and matplotlib. No download of any kind.",
+        "",
+    ]
+    for record in training:
+        lines.append(f"### stage `{record.get('stage')}`")
+        lines.append("")
+        lines += _table([(k, record[k]) for k in _TRAIN_KEYS if k in record])
+        if "artists" in record:
+            lines += ["", "Artists: " + ", ".join(record["artists"])]
+        if record.get("history"):
+            last = record["history"][-1]
+            lines += ["", "Last logged step: " + ", ".join(f"{k} {v}" for k, v in last.items())]
+        lines.append("")
+    if not training:
+        lines += ["(no training record: this folder was not produced by `python -m harness.zoo train`)", ""]
+    lines += ["## Measured quality", ""]
+    if figures:
+        lines += [
+            "Measured by `python -m harness.zoo evaluate` on the eval split (images no model saw in "
+            "training); style judgements by tiny-clip's zero-shot classifier over 13 artists "
+            "(chance 7.7%).",
+            "",
+        ]
+        rows: list[tuple[str, Any]] = []
+        _flatten("", figures, rows)
+        lines += _table(rows)
+    else:
+        lines.append("Not measured yet: run `python -m harness.zoo evaluate`.")
+    lines += ["", "## Files", "", f"fp16 safetensors, {_weights_mb(folder):.1f} MB in all.", ""]
+    return "\n".join(lines)
+
+
+def write_all() -> None:
+    for model in _ABOUT:
+        folder = ZOO / model
+        if folder.is_dir():
+            (folder / "README.md").write_text(card(model))

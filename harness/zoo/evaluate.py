@@ -1,0 +1,320 @@
+"""Quality figures of the shipped models, measured on fresh images of the embedded world.
+
+Every figure here is computed on the ``"eval"`` split (images no model saw in training) with fixed seeds, by
+``python -m harness.zoo evaluate``, which writes them to ``harness/zoo/<model>/figures.json`` and into the
+model cards. Style judgements use tiny-clip's zero-shot style classifier over all 13 artists (chance 1/13).
+
+- tiny-clip: zero-shot style accuracy (per artist and overall).
+- tiny-sd: style accuracy of text-to-image samples for "<subject> in the style of <artist>"; VAE reconstruction
+  PSNR; img2img toward another artist's style; the LoRA positive control on held-out artists.
+- tiny-sd-inpaint: a centre square is repainted with a prompt naming another artist; the repainted square is
+  classified by tiny-clip (is it in the prompted style?), and the unmasked border is compared with the input.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from harness.metrics.clip import ClipModel, ZeroShotClassifier, style_classifier
+from harness.seeding import derive_seed, make_generator
+from harness.types import ImageSet
+from harness.world import (
+    ARTISTS,
+    HELD_OUT_ARTISTS,
+    SUBJECTS,
+    TRAIN_ARTISTS,
+    ProceduralArt,
+    WorldPhotos,
+    artwork_caption,
+)
+
+#: sampling settings used for every figure (DDIM steps and classifier-free guidance).
+SAMPLE_STEPS = 30
+GUIDANCE = 5.0
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of [0, 1] images (the skimage definition, data range 1)."""
+    mse = ((a.double() - b.double()) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
+
+
+@torch.no_grad()
+def generate(
+    pipe: Any,
+    prompts: Sequence[str],
+    seed: int,
+    *,
+    steps: int = SAMPLE_STEPS,
+    guidance: float = GUIDANCE,
+    batch: int = 50,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Run ``pipe`` on each prompt with its own generator (seeded by ``seed`` and the prompt's index), in
+    batches; extra keyword arguments (``image``, ``mask_image``, ``strength``) are sliced per batch when they
+    are tensors. Returns (N, 3, H, W) float32 in [0, 1] on CPU."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        sl = slice(i, i + batch)
+        gens = [make_generator(derive_seed(seed, j)) for j in range(i, min(i + batch, len(prompts)))]
+        extra = {k: (v[sl] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        images = pipe(
+            prompt=list(prompts[sl]),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gens,
+            output_type="pt",
+            **extra,
+        ).images
+        out.append(images.float().cpu().clamp(0, 1))
+    return torch.cat(out)
+
+
+def eval_art(artists: Sequence[str], per_pair: int, seed: int = 0) -> tuple[ImageSet, list[str], list[str]]:
+    """Fresh artworks of ``artists`` with their artist and subject labels."""
+    art = ProceduralArt(artists=list(artists), per_pair=per_pair, seed=seed, split="eval").load()
+    who = [i.split("/")[0] for i in art.ids]
+    what = [i.split("/")[1] for i in art.ids]
+    return art, who, what
+
+
+def _per_artist(pred: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+    out: dict[str, list[bool]] = {}
+    for p, t in zip(pred, labels, strict=False):
+        out.setdefault(t, []).append(p == t)
+    return {a: round(float(np.mean(v)), 4) for a, v in out.items()}
+
+
+def evaluate_clip(clip: ClipModel, per_pair: int = 5) -> dict[str, Any]:
+    """Zero-shot style accuracy of ``clip`` on fresh artworks of every artist."""
+    clf = style_classifier(clip)
+    art, who, _ = eval_art(ARTISTS, per_pair)
+    pred = clf.predict(art.images)
+    per = _per_artist(pred, who)
+    photos = WorldPhotos(crops_per_photo=3, split="eval").load()
+    captions = sorted(set(photos.captions))
+    photo_clf = ZeroShotClassifier(clip, {c: [c] for c in captions})
+    photo_acc = photo_clf.accuracy(photos.images, list(photos.captions))
+    return {
+        "zero_shot_style_accuracy": round(float(np.mean([p == t for p, t in zip(pred, who, strict=False)])), 4),
+        "zero_shot_style_accuracy_per_artist": per,
+        "images": len(art),
+        "classes": len(ARTISTS),
+        "photo_caption_top1": round(photo_acc, 4),
+        "photo_images": len(photos),
+        "photo_classes": len(captions),
+    }
+
+
+@torch.no_grad()
+def evaluate_vae(vae: Any, per_pair: int = 2) -> dict[str, Any]:
+    """Reconstruction PSNR (encode to the posterior mean, decode) on fresh images, by group."""
+    groups = {
+        "train_artists": eval_art(TRAIN_ARTISTS, per_pair)[0].images,
+        "held_out_artists": eval_art(HELD_OUT_ARTISTS, per_pair)[0].images,
+        "photos": WorldPhotos(crops_per_photo=4, split="eval").load().images,
+    }
+    out: dict[str, Any] = {}
+    for name, x in groups.items():
+        rec = []
+        for i in range(0, x.shape[0], 64):
+            xb = x[i : i + 64].to(vae.device, vae.dtype) * 2 - 1
+            rec.append(((vae.decode(vae.encode(xb).latent_dist.mean).sample.float().cpu() + 1) / 2).clamp(0, 1))
+        psnr = _psnr(torch.cat(rec), x)
+        out[name] = {
+            "psnr_db_mean": round(float(psnr.mean()), 2),
+            "psnr_db_min": round(float(psnr.min()), 2),
+            "images": int(x.shape[0]),
+        }
+    return out
+
+
+def evaluate_text2img(
+    pipe: Any, clf: ZeroShotClassifier, seeds: int = 2, seed: int = 0
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Style accuracy of samples for "<subject> in the style of <artist>", every artist x subject x seed.
+
+    Returns the figures and the samples (artists x subjects x seeds, in that order) for grids.
+    """
+    prompts, labels = [], []
+    for a in ARTISTS:
+        for s in SUBJECTS:
+            for _ in range(seeds):
+                prompts.append(artwork_caption(s, a))
+                labels.append(a)
+    images = generate(pipe, prompts, seed)
+    pred = clf.predict(images)
+    per = _per_artist(pred, labels)
+    train = [p == t for p, t in zip(pred, labels, strict=False) if t in TRAIN_ARTISTS]
+    held = [p == t for p, t in zip(pred, labels, strict=False) if t in HELD_OUT_ARTISTS]
+    return {
+        "style_accuracy_train_artists": round(float(np.mean(train)), 4),
+        "style_accuracy_held_out_artists": round(float(np.mean(held)), 4),
+        "style_accuracy_per_artist": per,
+        "samples": len(prompts),
+        "sampler": f"DDIM {SAMPLE_STEPS} steps, guidance {GUIDANCE}",
+    }, images
+
+
+def evaluate_img2img(pipe: Any, clf: ZeroShotClassifier, strength: float = 0.7, seed: int = 0) -> dict[str, Any]:
+    """img2img of fresh artworks (training artists) with a prompt naming the next training artist."""
+    art, who, what = eval_art(TRAIN_ARTISTS, 1)
+    targets = [TRAIN_ARTISTS[(TRAIN_ARTISTS.index(a) + 1) % len(TRAIN_ARTISTS)] for a in who]
+    prompts = [artwork_caption(s, t) for s, t in zip(what, targets, strict=False)]
+    edited = generate(pipe, prompts, seed, image=art.images, strength=strength)
+    before = clf.predict(art.images)
+    after = clf.predict(edited)
+    return {
+        "moved_to_prompted_style": round(float(np.mean([p == t for p, t in zip(after, targets, strict=False)])), 4),
+        "prompted_style_before_edit": round(float(np.mean([p == t for p, t in zip(before, targets, strict=False)])), 4),
+        "source_style_after_edit": round(float(np.mean([p == a for p, a in zip(after, who, strict=False)])), 4),
+        "strength": strength,
+        "images": len(art),
+    }
+
+
+def centre_mask(size: int, side: int) -> torch.Tensor:
+    """(1, 1, size, size) mask, 1 inside the centred ``side`` x ``side`` square."""
+    m = torch.zeros(1, 1, size, size)
+    o = (size - side) // 2
+    m[..., o : o + side, o : o + side] = 1
+    return m
+
+
+def evaluate_inpaint(pipe: Any, clf: ZeroShotClassifier, side: int = 44, seed: int = 0) -> dict[str, Any]:
+    """Repaint the centre square of fresh artworks with a prompt naming the same or another training artist.
+
+    The repainted square (cropped and resized to the model size) is classified by tiny-clip; the border
+    (outside the mask) is compared with the input by PSNR.
+    """
+    art, who, what = eval_art(TRAIN_ARTISTS, 1)
+    size = art.images.shape[-1]
+    mask = centre_mask(size, side).expand(len(art), 1, size, size).contiguous()
+    o = (size - side) // 2
+
+    def crop(x: torch.Tensor) -> torch.Tensor:
+        c = x[..., o : o + side, o : o + side]
+        return F.interpolate(c, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+
+    targets = [TRAIN_ARTISTS[(TRAIN_ARTISTS.index(a) + 3) % len(TRAIN_ARTISTS)] for a in who]
+    other = generate(
+        pipe,
+        [artwork_caption(s, t) for s, t in zip(what, targets, strict=False)],
+        seed,
+        image=art.images,
+        mask_image=mask,
+        strength=1.0,
+    )
+    same = generate(
+        pipe,
+        [artwork_caption(s, a) for s, a in zip(what, who, strict=False)],
+        seed,
+        image=art.images,
+        mask_image=mask,
+        strength=1.0,
+    )
+    pred_other, pred_same, pred_orig = clf.predict(crop(other)), clf.predict(crop(same)), clf.predict(crop(art.images))
+    keep = (1 - mask).bool().expand_as(art.images)
+    border_mse = torch.stack(
+        [((o_[k] - i_[k]) ** 2).mean() for o_, i_, k in zip(other, art.images, keep, strict=False)]
+    )
+    return {
+        "other_style_prompt_region_in_prompted_style": round(
+            float(np.mean([p == t for p, t in zip(pred_other, targets, strict=False)])), 4
+        ),
+        "same_style_prompt_region_in_prompted_style": round(
+            float(np.mean([p == a for p, a in zip(pred_same, who, strict=False)])), 4
+        ),
+        "original_region_in_other_style": round(
+            float(np.mean([p == t for p, t in zip(pred_orig, targets, strict=False)])), 4
+        ),
+        "original_region_in_own_style": round(
+            float(np.mean([p == a for p, a in zip(pred_orig, who, strict=False)])), 4
+        ),
+        "border_psnr_db": round(float((10 * torch.log10(1 / border_mse.clamp_min(1e-12))).mean()), 2),
+        "mask": f"centre square {side}x{side} of {size}x{size}",
+        "images": len(art),
+    }
+
+
+def evaluate_lora(
+    pipe: Any,
+    clf: ZeroShotClassifier,
+    artists: Sequence[str] = HELD_OUT_ARTISTS,
+    train_images: int = 16,
+    steps: int = 300,
+    rank: int = 8,
+    lr: float = 1e-3,
+    seeds: int = 4,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The mimicry positive control: LoRA on ``train_images`` artworks of each held-out artist.
+
+    Style accuracy of "<subject> in the style of <artist>" samples (every subject, ``seeds`` each) before and
+    after finetuning. Training images cover the first 8 subjects (2 each); the last 2 subjects are unseen.
+    """
+    from finetune.lora import train_lora
+
+    out: dict[str, Any] = {}
+    for a in artists:
+        per = max(1, train_images // 8)
+        train = ProceduralArt(
+            artists=[a], subjects=list(SUBJECTS[:8]), per_pair=per, seed=seed, split="train", template=0
+        ).load()
+        prompts = [artwork_caption(s, a) for s in SUBJECTS for _ in range(seeds)]
+        before = generate(pipe, prompts, derive_seed(seed, f"lora/{a}"))
+        t0 = time.time()
+        tuned, record = train_lora(pipe, train, rank=rank, steps=steps, lr=lr, seed=derive_seed(seed, f"lora/{a}"))
+        seconds = time.time() - t0
+        after = generate(tuned, prompts, derive_seed(seed, f"lora/{a}"))
+        acc_before = float(np.mean([p == a for p in clf.predict(before)]))
+        acc_after = float(np.mean([p == a for p in clf.predict(after)]))
+        unseen = [
+            p == a
+            for p, s in zip(clf.predict(after), [s for s in SUBJECTS for _ in range(seeds)], strict=False)
+            if s in SUBJECTS[8:]
+        ]
+        out[a] = {
+            "accuracy_before": round(acc_before, 4),
+            "accuracy_after": round(acc_after, 4),
+            "accuracy_after_unseen_subjects": round(float(np.mean(unseen)), 4),
+            "train_seconds": round(seconds, 1),
+            "trainable_params": record["trainable_params"],
+            "final_loss": round(record["final_loss"], 4),
+        }
+    out["settings"] = {
+        "train_images": train_images,
+        "steps": steps,
+        "rank": rank,
+        "lr": lr,
+        "samples_per_artist": len(SUBJECTS) * seeds,
+        "threads": torch.get_num_threads(),
+    }
+    return out
+
+
+def save_grid(images: torch.Tensor, rows: int, path: Path, labels: Sequence[str] | None = None, scale: int = 2) -> None:
+    """Save images (N, 3, H, W) in [0, 1] as a PNG grid of ``rows`` rows (row labels drawn at the left)."""
+    from PIL import Image, ImageDraw
+
+    n, _, h, w = images.shape
+    cols = -(-n // rows)
+    margin = 90 if labels else 0
+    grid = Image.new("RGB", (margin + cols * w * scale, rows * h * scale), "white")
+    arr = (images.permute(0, 2, 3, 1).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
+    for i in range(n):
+        tile = Image.fromarray(arr[i]).resize((w * scale, h * scale), Image.NEAREST)
+        grid.paste(tile, (margin + (i % cols) * w * scale, (i // cols) * h * scale))
+    if labels:
+        d = ImageDraw.Draw(grid)
+        for r, text in enumerate(labels):
+            d.text((4, r * h * scale + h * scale // 2 - 5), text, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
