@@ -1,14 +1,15 @@
 """LoRA text-to-image finetuning (Hu et al., ICLR 2022; the diffusers text-to-image LoRA recipe).
 
-A minimal, deterministic LoRA trainer: low-rank adapters on the UNet's attention and feed-forward projections,
-trained with the usual denoising loss on (image, caption) pairs while the VAE, text encoder and base UNet stay
-frozen. It is the positive control of every mimicry experiment on the embedded world: finetuning ``tiny-sd`` on
+A minimal, deterministic LoRA trainer: low-rank adapters on the UNet's attention and feed-forward projections
+and its ResNet convolutions, trained with the usual denoising loss on (image, caption) pairs while the VAE, text
+encoder and base UNet stay frozen. It is the positive control of every mimicry experiment on the embedded world: finetuning ``tiny-sd`` on
 16 images of a held-out artist must make it paint that artist's style.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -21,8 +22,9 @@ from harness.protocols import ConfigError, check_range
 from harness.seeding import make_generator
 from harness.types import ImageSet
 
-#: UNet module names (suffixes) that get adapters: attention q/k/v/out and the transformer feed-forward.
-LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+#: UNet module names (suffixes) that get adapters: attention q/k/v/out, the transformer feed-forward, and the
+#: ResNet convolutions (textures live in the high-resolution levels, which have no attention in small UNets).
+LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2")
 
 
 def train_lora(
@@ -30,8 +32,8 @@ def train_lora(
     images: ImageSet,
     *,
     rank: int = 8,
-    steps: int = 300,
-    lr: float = 1e-3,
+    steps: int = 400,
+    lr: float = 3e-3,
     batch_size: int = 16,
     seed: int = 0,
     targets: tuple[str, ...] = LORA_TARGETS,
@@ -110,8 +112,10 @@ def train_lora(
         if log is not None:
             log(step + 1, loss_value)
     unet.eval().requires_grad_(False)
-    unet.to(pipe.unet.dtype)
+    torch.nn.Module.to(unet, dtype=pipe.unet.dtype)  # torch's own .to: diffusers' warns on every dtype cast
     components = {**pipe.components, "unet": unet}
+    if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
+        components["requires_safety_checker"] = pipe.config.get("requires_safety_checker", False)
     tuned = type(pipe)(**components)
     tuned.set_progress_bar_config(disable=True)
     record = {

@@ -2,8 +2,8 @@
 
 Commands:
     train MODEL     train ``vae``, ``tiny-clip``, ``tiny-sd`` (needs the vae), ``tiny-sd-inpaint`` (needs tiny-sd)
-                    or ``all`` in a work folder (resumes from checkpoints), then install the result into the
-                    package (``harness/zoo/<model>``, fp16 safetensors).
+                    or ``all`` (in that order) in a work folder (resumes from checkpoints), then install the
+                    result into the package (``harness/zoo/<model>``, fp16 safetensors).
     evaluate        measure the quality figures of the installed models (``figures.json`` in each folder) and
                     write the model cards; ``--skip-lora`` skips the (minutes-long) LoRA positive control.
     cards           rewrite the model cards from the saved training records and figures.
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--skip-lora", action="store_true")
-    p.add_argument("--lora-steps", type=int, default=300)
+    p.add_argument("--lora-steps", type=int, default=400)
     p.add_argument("--grids", default="docs/zoo", help="folder for the sample grids")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("cards", help="rewrite the model cards")

@@ -249,9 +249,9 @@ def evaluate_lora(
     clf: ZeroShotClassifier,
     artists: Sequence[str] = HELD_OUT_ARTISTS,
     train_images: int = 16,
-    steps: int = 300,
+    steps: int = 400,
     rank: int = 8,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     seeds: int = 4,
     seed: int = 0,
 ) -> dict[str, Any]:
