@@ -113,6 +113,16 @@ def card(model: str) -> str:
             "(chance 7.7%).",
             "",
         ]
+        control = figures.get("evaluation", {}).get("lora_positive_control", {})
+        failed = [a for a, v in control.items() if isinstance(v, dict) and v.get("accuracy_after", 1.0) < 0.6]
+        passed = [a for a, v in control.items() if isinstance(v, dict) and v.get("accuracy_after", 0.0) >= 0.6]
+        if control:
+            lines += [
+                f"LoRA positive control (16 images, style accuracy >= 60% after finetuning): passes for "
+                f"{', '.join(passed) or 'none'}; fails for {', '.join(failed) or 'none'}. Mimicry results "
+                "for an artist whose positive control fails say nothing about a protection.",
+                "",
+            ]
         rows: list[tuple[str, Any]] = []
         _flatten("", figures, rows)
         lines += _table(rows)
