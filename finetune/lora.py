@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.protocols import ConfigError, check_range
-from harness.seeding import make_generator
+from harness.seeding import isolated_torch_rng, make_generator
 from harness.types import ImageSet
 
 #: UNet module names (suffixes) that get adapters: attention q/k/v/out, the transformer feed-forward, and the
@@ -72,7 +72,10 @@ def train_lora(
     t0 = time.time()
     device = pipe.unet.device
     unet = copy.deepcopy(pipe.unet).float().requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets)))
+    with isolated_torch_rng(seed):  # peft initialises the adapters from the global RNG
+        unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets))
+        )
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = make_generator(seed)

@@ -120,9 +120,15 @@ def _check_same_layout(stage: str, before: ImageSet, after: ImageSet) -> None:
 
 
 def _model_cfg(component: Any, exp: Experiment) -> dict[str, Any]:
+    """What a stage key adds for ``component``: the model it uses, and the content it reads from outside the
+    config (``cache_token()``, e.g. the digest of an external defense's folder)."""
+    extra: dict[str, Any] = {}
     if getattr(component, "uses_model", False) and exp.model is not None:
-        return {"model": exp.model.key_dict() if hasattr(exp.model, "key_dict") else exp.configs.get("model")}
-    return {}
+        extra["model"] = exp.model.key_dict() if hasattr(exp.model, "key_dict") else exp.configs.get("model")
+    token = getattr(component, "cache_token", None)
+    if callable(token):
+        extra["content"] = token()
+    return extra
 
 
 def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunResult:
@@ -132,17 +138,18 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
 
     # data
     k_data = stage_key("data", {}, {"dataset": cfg["dataset"]}, exp.dataset.version, None)
-    clean, rec["data"] = _stage_images(
-        store, "data", k_data, None, exp.dataset.name, lambda: (exp.dataset.load(), {})
-    )
+    clean, rec["data"] = _stage_images(store, "data", k_data, None, exp.dataset.name, lambda: (exp.dataset.load(), {}))
     if len(clean) == 0:
         raise RuntimeError("the dataset is empty")
 
     # protect
     s_protect = derive_seed(exp.seed, "protect")
     k_protect = stage_key(
-        "protect", {"data": k_data}, {"defense": cfg["defense"], **_model_cfg(exp.defense, exp)},
-        exp.defense.version, s_protect,
+        "protect",
+        {"data": k_data},
+        {"defense": cfg["defense"], **_model_cfg(exp.defense, exp)},
+        exp.defense.version,
+        s_protect,
     )
 
     def do_protect() -> tuple[ImageSet, dict[str, Any]]:
@@ -155,8 +162,11 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
     # purify
     s_purify = derive_seed(exp.seed, "purify")
     k_purify = stage_key(
-        "purify", {"protect": k_protect}, {"purifier": cfg["purifier"], **_model_cfg(exp.purifier, exp)},
-        exp.purifier.version, s_purify,
+        "purify",
+        {"protect": k_protect},
+        {"purifier": cfg["purifier"], **_model_cfg(exp.purifier, exp)},
+        exp.purifier.version,
+        s_purify,
     )
 
     def do_purify() -> tuple[ImageSet, dict[str, Any]]:
@@ -181,13 +191,21 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
         mimic_cfg = {"mimic": cfg["mimic"], **_model_cfg(exp.mimic, exp)}
         k_mimic = stage_key("mimic", {"purify": k_purify}, mimic_cfg, exp.mimic.version, s_mimic)
         outputs, rec["mimic"] = _stage_images(
-            store, "mimic", k_mimic, s_mimic, exp.mimic.name,
+            store,
+            "mimic",
+            k_mimic,
+            s_mimic,
+            exp.mimic.name,
             lambda: (exp.mimic.run(purified, make_generator(s_mimic), ctx), {}),
         )
         if exp.mimic.threat_model == "editing":
             k_ref = stage_key("mimic", {"data": k_data}, mimic_cfg, exp.mimic.version, s_mimic)
             references, rec["mimic_clean"] = _stage_images(
-                store, "mimic", k_ref, s_mimic, f"{exp.mimic.name} (clean)",
+                store,
+                "mimic",
+                k_ref,
+                s_mimic,
+                f"{exp.mimic.name} (clean)",
                 lambda: (exp.mimic.run(clean, make_generator(s_mimic), ctx), {}),
             )
         else:
@@ -196,8 +214,11 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
         # measure: cached as JSON, keyed by its inputs and the metric configs
         parents = {s: r.key for s, r in rec.items()}
         k_measure = stage_key(
-            "measure", parents, {"metrics": cfg.get("metrics", {})},
-            canonical_json({n: m.version for n, m in exp.metrics.items()}), None,
+            "measure",
+            parents,
+            {"metrics": cfg.get("metrics", {})},
+            canonical_json({n: m.version for n, m in exp.metrics.items()}),
+            None,
         )
         t0 = time.perf_counter()
         art = store.get("measure", k_measure)
@@ -212,8 +233,14 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
             store.put("measure", k_measure, lambda f: (Path(f) / "meta.json").write_text(canonical_json(measured)))
             cached = False
         dt = time.perf_counter() - t0
-        log.info("%-11s %-24s %-9s (key %s, %.2f s)", "measure", ",".join(exp.metrics), "cached" if cached else "computed",
-                 k_measure[:12], dt)
+        log.info(
+            "%-11s %-24s %-9s (key %s, %.2f s)",
+            "measure",
+            ",".join(exp.metrics),
+            "cached" if cached else "computed",
+            k_measure[:12],
+            dt,
+        )
         rec["measure"] = StageRecord("measure", k_measure, cached, dt, dt, None)
         per_image.update(measured["per_image"])
         higher.update(measured["higher_is_better"])
@@ -226,4 +253,3 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
         defense_info=rec["protect"].extra.get("info", {}),
         purifier_params=rec["purify"].extra.get("params", {}),
     )
-

@@ -23,7 +23,11 @@ def options(group):
     return sorted(p.stem for p in (GROUP_DIR / group).glob("*.yaml"))
 
 
-EXTRA = {"dataset=folder": ["dataset.path=/nonexistent"], "model=local": ["model.source=/nonexistent"]}
+EXTRA = {
+    "dataset=folder": ["dataset.path=/nonexistent"],
+    "model=local": ["model.source=/nonexistent"],
+    "defense=external": ["defense.command='cp {input} {output}'"],
+}
 
 
 def compose_group(group, name, extra=()):
@@ -61,19 +65,61 @@ def _components(group):
     return [(name, instantiate(compose_group(group, name)[group], _convert_="all")) for name in options(group)]
 
 
-@pytest.mark.parametrize("name,defense", _components("defense"))
-def test_defense_contract(name, defense, ctx):
+#: overrides that make each defense fast enough for a contract test (tiny-random model, 32 px)
+FAST = {
+    "photoguard_encoder": ["defense.steps=3"],
+    "photoguard_encoder_inpaint": ["defense.steps=3"],
+    "photoguard_diffusion": ["defense.steps=2", "defense.grad_repeats=1", "defense.edit_steps=2"],
+    "advdm": ["defense.steps=3"],
+    "mist": ["defense.steps=3"],
+    "sds": ["defense.steps=3"],
+    "sds_plus": ["defense.steps=3"],
+    "glaze_style": ["defense.steps=3", "defense.target_steps=5"],
+    "aspl": ["defense.rounds=2", "defense.surrogate_steps=1", "defense.pgd_steps=2", "defense.prior_images=1"],
+}
+
+
+def _external_folder(tmp_path, clean):
+    """A closed tool's output: the clean images plus +-3/255 noise, saved as PNG named like the ids."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(5)
+    noisy = (clean.images + (torch.randint(-3, 4, clean.images.shape, generator=g) / 255)).clamp(0, 1)
+    folder = tmp_path / "tool_output"
+    folder.mkdir()
+    for img, i in zip(noisy, clean.ids, strict=True):
+        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        Image.fromarray(arr).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("name", options("defense"))
+def test_defense_contract(name, tmp_path):
+    from harness.models import ModelSpec
+
     clean = random_imageset(3, 32)
+    extra = list(FAST.get(name, []))
+    if name == "external":
+        extra = [f"defense.folder={_external_folder(tmp_path, clean)}", "defense.command=null"]
+    defense = instantiate(compose_group("defense", name, extra)["defense"], _convert_="all")
+    source = "tiny-random-inpaint" if "inpaint" in name else "tiny-random"
+    ctx = Context(device="cpu", batch_size=2, model=ModelSpec(source=source, resolution=32))
     out = defense.protect(clean, make_generator(0), ctx)
     prot = out.images
     assert prot.images.shape == clean.images.shape and prot.images.dtype == torch.float32
     assert 0 <= prot.images.min() and prot.images.max() <= 1
     assert prot.ids == clean.ids and prot.captions == clean.captions
+    assert all(isinstance(v, float) for v in out.info.values()), out.info
     q = prot.quantized()
-    assert (q.images - clean.images).abs().max() <= defense.eps + 1 / 255 + 1e-6
+    diff = q.images - clean.images
+    if defense.eps is not None:
+        assert diff.abs().max() <= defense.eps + 1 / 255 + 1e-6
+    radius = getattr(defense, "l2_radius", lambda h, w: None)(32, 32)
+    if radius is not None:  # L2 budget: quantization adds at most 0.5/255 per value
+        assert diff.flatten(1).norm(dim=1).max() <= radius + (diff[0].numel() ** 0.5) * 0.5 / 255 + 1e-6
     again = defense.protect(clean, make_generator(0), ctx).images
     assert torch.equal(again.images, prot.images)
-    if defense.eps and defense.eps > 0:
+    if name != "none":  # every other defense has a non-zero budget by default
         assert not torch.equal(q.images, clean.images)
 
 

@@ -1,0 +1,222 @@
+"""Differentiable pieces of a latent diffusion model that the protections attack.
+
+All functions take images in [0, 1] (the harness convention) and convert to the model's [-1, 1] inside. They
+work with any Stable-Diffusion-style diffusers pipeline (``vae``, ``unet``, ``text_encoder``, ``tokenizer``,
+``scheduler``): the shipped tiny-sd and real SD 1.5 / 2.1 alike. Randomness comes from :class:`Draws`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from defenses.engine import Draws
+from harness.protocols import ConfigError
+
+__all__ = [
+    "encode_mean",
+    "encode_sample",
+    "decode",
+    "text_embeddings",
+    "noise_target",
+    "denoising_loss",
+    "edit_through_pipeline",
+    "gradient_checkpointing",
+    "latent_pattern",
+]
+
+
+def _vae_dtype(vae: Any) -> torch.dtype:
+    return next(vae.parameters()).dtype
+
+
+def encode_mean(vae: Any, images: torch.Tensor) -> torch.Tensor:
+    """The VAE encoder's latent mean (unscaled), (B, C, h, w), differentiable in ``images``."""
+    x = (images * 2 - 1).to(_vae_dtype(vae))
+    return vae.encode(x).latent_dist.mean
+
+
+def encode_sample(vae: Any, images: torch.Tensor, draws: Draws) -> torch.Tensor:
+    """A latent sample times the scaling factor (what the UNet sees), reparameterised so it is differentiable."""
+    x = (images * 2 - 1).to(_vae_dtype(vae))
+    post = vae.encode(x).latent_dist
+    eps = draws.randn(*post.mean.shape[1:]).to(post.mean.dtype)
+    return (post.mean + post.std * eps) * vae.config.scaling_factor
+
+
+def decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Decode scaled latents to images in [0, 1] (not clipped, so gradients flow everywhere)."""
+    x = vae.decode(latents / vae.config.scaling_factor).sample
+    return (x.float() + 1) / 2
+
+
+def text_embeddings(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """The text encoder's hidden states for ``prompts`` (no gradient), (B, L, D)."""
+    tok = pipe.tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]
+
+
+def noise_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict: the noise, or the velocity for v-prediction models (SD 2.x)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    raise ConfigError(f"the model's scheduler predicts {kind!r}; the defenses support epsilon and v_prediction")
+
+
+def denoising_loss(
+    pipe: Any,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    draws: Draws,
+    t_range: tuple[int, int] | None = None,
+    unet: Any = None,
+    return_parts: bool = False,
+) -> Any:
+    """The diffusion training loss per image: ``|| unet(z_t, t, c) - target ||^2`` at a random t and noise.
+
+    Args:
+        pipe: the pipeline (scheduler, and the UNet unless ``unet`` is given).
+        latents: scaled latents (B, C, h, w).
+        cond: text embeddings (B, L, D).
+        draws: the batch's draws (timestep and noise, per image).
+        t_range: [low, high) of timesteps (default the whole schedule).
+        unet: a UNet to use instead of ``pipe.unet`` (a surrogate).
+        return_parts: also return (prediction, target, t, noisy latents).
+
+    Returns:
+        (B,) float32 losses, or (losses, parts).
+    """
+    sched = pipe.scheduler
+    n = sched.config.num_train_timesteps
+    lo, hi = t_range or (0, n)
+    t = draws.randint(lo, hi)
+    noise = draws.randn(*latents.shape[1:]).to(latents.dtype)
+    noisy = sched.add_noise(latents, noise, t)
+    net = unet if unet is not None else pipe.unet
+    pred = net(noisy.to(net.dtype), t, cond.to(net.dtype)).sample.float()
+    target = noise_target(sched, latents, noise, t).float()
+    loss = F.mse_loss(pred, target, reduction="none").flatten(1).mean(dim=1)
+    if return_parts:
+        return loss, (pred, target, t, noisy)
+    return loss
+
+
+def edit_through_pipeline(
+    pipe: Any,
+    images: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    draws: Draws,
+    strength: float,
+    steps: int,
+    guidance_scale: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A differentiable img2img (or inpainting, for 9-channel UNets) edit: DDIM from ``strength`` to 0.
+
+    The path PhotoGuard's diffusion attack differentiates: VAE encode, noise to ``strength`` of the schedule,
+    ``steps`` deterministic DDIM steps with classifier-free guidance, VAE decode.
+
+    Args:
+        images: (B, 3, H, W) in [0, 1].
+        cond, uncond: prompt and empty-prompt embeddings (B, L, D).
+        strength: fraction of the schedule to noise to (0-1]; inpainting starts from pure noise at 1.
+        steps: DDIM steps over the strength-truncated schedule.
+        mask: (B, 1, H, W), 1 where the inpainting model repaints (needed for 9-channel UNets).
+
+    Returns:
+        The edited images (B, 3, H, W), about [0, 1], not clipped.
+    """
+    sched = pipe.scheduler
+    unet = pipe.unet
+    n = sched.config.num_train_timesteps
+    alphas = sched.alphas_cumprod.to(images.device)
+    z0 = encode_sample(pipe.vae, images, draws)
+    t_start = max(1, min(n - 1, int(round(strength * n)) - 1))
+    ts = torch.linspace(t_start, 0, steps + 1).round().long().tolist()
+    noise = draws.randn(*z0.shape[1:]).to(z0.dtype)
+    a = alphas[ts[0]]
+    z = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    inpaint = unet.config.in_channels == 9
+    if inpaint:
+        if mask is None:
+            raise ConfigError("an inpainting model needs a mask for the diffusion attack (defense.mask)")
+        small = F.interpolate(mask.float(), size=z0.shape[-2:], mode="nearest")
+        masked = encode_sample(pipe.vae, images * (1 - mask), draws)
+    for i in range(steps):
+        t, t_next = ts[i], ts[i + 1]
+        zin = torch.cat([z, z])
+        if inpaint:
+            zin = torch.cat([zin, torch.cat([small, small]).to(z.dtype), torch.cat([masked, masked])], dim=1)
+        tt = torch.full((zin.shape[0],), t, device=z.device, dtype=torch.long)
+        out = unet(zin.to(unet.dtype), tt, torch.cat([uncond, cond]).to(unet.dtype)).sample.float()
+        e_u, e_c = out.chunk(2)
+        pred = e_u + guidance_scale * (e_c - e_u)
+        a_t = alphas[t]
+        a_next = alphas[t_next] if t_next > 0 else torch.ones_like(a_t)
+        if sched.config.prediction_type == "v_prediction":
+            x0 = a_t.sqrt() * z - (1 - a_t).sqrt() * pred
+            eps = a_t.sqrt() * pred + (1 - a_t).sqrt() * z
+        else:
+            eps = pred
+            x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+    return decode(pipe.vae, z)
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(*modules: Any, enabled: bool = True) -> Iterator[None]:
+    """Enable diffusers' gradient checkpointing on ``modules`` inside the block (memory for time)."""
+    changed = []
+    if enabled:
+        for m in modules:
+            if m is not None and getattr(m, "_supports_gradient_checkpointing", False):
+                if not getattr(m, "is_gradient_checkpointing", False):
+                    m.enable_gradient_checkpointing()
+                    changed.append(m)
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.disable_gradient_checkpointing()
+
+
+def latent_pattern(size: int, kind: str = "mist") -> torch.Tensor:
+    """A high-contrast target pattern (1, 3, size, size) in [0, 1] for textural (Mist-style) losses.
+
+    Mist pulls the latent toward a fixed, busy image pattern. The harness generates one rather than shipping
+    an image: ``"mist"`` is a tiled glyph-like pattern of black strokes on white; ``"grey"`` is flat 0.5.
+    """
+    if kind == "grey":
+        return torch.full((1, 3, size, size), 0.5)
+    if kind != "mist":
+        raise ConfigError(f"defense.target_pattern must be 'mist' or 'grey', got {kind!r}")
+    cell = max(4, size // 8)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    u, v = xx % cell, yy % cell
+    tile_x, tile_y = xx // cell, yy // cell
+    which = (tile_x * 3 + tile_y * 5) % 4
+    stroke = max(1, cell // 4)
+    ink = torch.where(
+        which == 0,
+        (u < stroke),
+        torch.where(
+            which == 1, (v < stroke), torch.where(which == 2, (u - v).abs() < stroke, (u + v - cell).abs() < stroke)
+        ),
+    )
+    img = torch.where(ink, 0.0, 1.0).float()
+    return img.expand(1, 3, size, size).clone()
