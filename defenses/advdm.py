@@ -134,10 +134,11 @@ class AdvDM(Defense):
             )
             if self.mode == "fused":  # both parts, so a row shows which one moved
                 for part, fn in (("semantic", semantic), ("textural", textural)):
-                    s = PGDSettings(eps=self.eps, steps=0, step_size=0.0, eval_samples=8)
-                    sub = objective_report(
-                        fn, images.images, res.images, images.ids, s, report_seed, ctx, name=f"{part}_loss"
+                    s = PGDSettings(eps=self.eps, steps=0, step_size=0.0, eval_samples=8, maximize=part == "semantic")
+                    info.update(
+                        objective_report(
+                            fn, images.images, res.images, images.ids, s, report_seed, ctx, name=f"{part}_loss"
+                        )
                     )
-                    info.update({k: v for k, v in sub.items() if k != "objective_direction"})
         info.update({"vanished_gradient_images": float(res.vanished.sum()), "optimisation_seconds": res.seconds})
         return DefenseOutput(images.with_images(res.images), info)

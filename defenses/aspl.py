@@ -213,7 +213,7 @@ class ASPL(Defense):
             sur = objective_report(
                 surrogate_loss, clean, protected, images.ids, self.settings, report_seed, ctx, name="surrogate_loss"
             )
-        info.update({k: v for k, v in sur.items() if k != "objective_direction"})
+        info.update(sur)
         info.update(
             {
                 "surrogate_train_loss_clean": loss_clean,

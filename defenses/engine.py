@@ -367,5 +367,5 @@ def objective_report(
         ),
     }
     info: dict[str, Any] = {f"{name}_{k}": float(v.mean()) for k, v in values.items()}
-    info["objective_direction"] = 1.0 if settings.maximize else -1.0  # +1: the defense raises the objective
+    info[f"{name}_direction"] = 1.0 if settings.maximize else -1.0  # +1: the defense raises the objective
     return info

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harness.protocols import ConfigError, check_range
-from harness.seeding import isolated_torch_rng, make_generator
+from harness.protocols import ConfigError, Context, Mimic, check_range
+from harness.seeding import derive_seed, isolated_torch_rng, make_generator
 from harness.types import ImageSet
 
 #: UNet module names (suffixes) that get adapters: attention q/k/v/out, the transformer feed-forward, and the
@@ -133,3 +133,84 @@ def train_lora(
         "images": len(images),
     }
     return tuned, record
+
+
+class LoraMimic(Mimic):
+    """Style mimicry by LoRA finetuning: train on the (purified, protected) images, then generate.
+
+    The mimic finetunes the experiment's text-to-image model on the images with their captions, then
+    generates one image per training image from that image's caption, with a generator seeded by the stage
+    seed and the image's id. Success is measured against the artist's clean images (threat model
+    ``"mimicry"``, see DESIGN.md), e.g. by tiny-clip's zero-shot style match.
+
+    Args:
+        rank, steps, lr, batch_size: the LoRA recipe (see :func:`train_lora`; defaults: the embedded world's
+            positive control, rank 8, 400 steps, lr 3e-3, batch 16).
+        sample_steps: DDIM steps of the generations; guidance_scale: their guidance.
+        prompt: generate from this prompt instead of each image's caption (None: the captions).
+
+    Returns (from :meth:`run`): one generated image per input, same ids and captions, (N, 3, H, W) in [0, 1].
+    """
+
+    name = "lora"
+    version = "1"
+    threat_model = "mimicry"
+    uses_model = True
+
+    def __init__(
+        self,
+        rank: int = 8,
+        steps: int = 400,
+        lr: float = 3e-3,
+        batch_size: int = 16,
+        sample_steps: int = 30,
+        guidance_scale: float = 5.0,
+        prompt: str | None = None,
+    ):
+        for option, v, low in (
+            ("rank", rank, 1),
+            ("steps", steps, 1),
+            ("batch_size", batch_size, 1),
+            ("sample_steps", sample_steps, 1),
+        ):
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"mimic.{option} must be an integer >= {low}, got {v!r}")
+        self.rank, self.steps, self.batch_size, self.sample_steps = rank, steps, batch_size, sample_steps
+        self.lr = check_range("mimic.lr", lr, 1e-8, 1.0)
+        self.guidance_scale = check_range("mimic.guidance_scale", guidance_scale, 0.0, 100.0)
+        self.prompt = prompt or None
+
+    def run(self, images: ImageSet, generator: torch.Generator, ctx: Context) -> ImageSet:
+        pipe = ctx.pipeline("text2img")
+        base_seed = generator.initial_seed()
+        steps = ctx.progress(range(self.steps), desc="lora finetune", unit="step")
+        bar = iter(steps)
+
+        def log(step: int, loss: float) -> None:
+            next(bar, None)
+
+        tuned, _record = train_lora(
+            pipe,
+            images,
+            rank=self.rank,
+            steps=self.steps,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            seed=derive_seed(base_seed, "train"),
+            log=log,
+        )
+        h, w = images.size
+        outputs = []
+        for _, batch in ctx.progress(list(images.batches(ctx.batch_size)), desc="lora generate", unit="batch"):
+            gens = [make_generator(derive_seed(base_seed, "sample", i)) for i in batch.ids]
+            out = tuned(
+                prompt=[self.prompt or c for c in batch.captions],
+                num_inference_steps=self.sample_steps,
+                guidance_scale=self.guidance_scale,
+                generator=gens,
+                output_type="pt",
+                height=h,
+                width=w,
+            ).images
+            outputs.append(batch.with_images(out.float().cpu().clamp(0, 1)))
+        return ImageSet.concat(outputs)

@@ -26,9 +26,18 @@ import torch
 import torch.nn.functional as F
 
 from harness.models import ModelNotFoundError
-from harness.protocols import ConfigError
+from harness.protocols import ConfigError, Metric
+from harness.types import ImageSet
 
-__all__ = ["ClipModel", "ClipSpec", "ZeroShotClassifier", "load_clip", "tiny_clip_path"]
+__all__ = [
+    "ClipModel",
+    "ClipSpec",
+    "StyleMatch",
+    "ZeroShotClassifier",
+    "load_clip",
+    "style_classifier",
+    "tiny_clip_path",
+]
 
 SHIPPED_CLIP = ("tiny-clip",)
 
@@ -211,3 +220,52 @@ def style_classifier(clip: ClipModel, artists: Sequence[str] | None = None) -> Z
         for a in artists
     }
     return ZeroShotClassifier(clip, prompts)
+
+
+class StyleMatch(Metric):
+    """1 when a generated image is classified into the same style as its reference image, else 0.
+
+    Zero-shot style classification with an image-text model over a list of styles (the embedded world's
+    artists by default). The reference's style is the classifier's prediction on the artist's clean image,
+    so the metric needs no labels; with tiny-clip that prediction is right for 99% of clean artworks.
+    Higher means the mimic reproduced the style (the attacker succeeded).
+
+    Args:
+        clip: ``"tiny-clip"`` or another source accepted by :func:`load_clip`.
+        pretrained: weights for an open_clip model name.
+        styles: style names (None: the embedded world's 13 artists).
+        prompt_template: prompt per style when ``styles`` are given ("{style}" is replaced); the world's
+            artists use the world's caption templates as an ensemble.
+    """
+
+    name = "style_match"
+    version = "1"
+    higher_is_better = True
+
+    def __init__(
+        self,
+        clip: str = "tiny-clip",
+        pretrained: str | None = None,
+        styles: Sequence[str] | None = None,
+        prompt_template: str = "an artwork in the style of {style}",
+    ):
+        self.spec = ClipSpec(source=clip, pretrained=pretrained)
+        self.styles = list(styles) if styles else None
+        if "{style}" not in prompt_template:
+            raise ConfigError(f"metrics.prompt_template must contain {{style}}, got {prompt_template!r}")
+        self.prompt_template = prompt_template
+        self._clf: ZeroShotClassifier | None = None
+
+    def classifier(self) -> ZeroShotClassifier:
+        if self._clf is None:
+            model = load_clip(self.spec)
+            if self.styles is None:
+                self._clf = style_classifier(model)
+            else:
+                self._clf = ZeroShotClassifier(model, {s: [self.prompt_template.format(style=s)] for s in self.styles})
+        return self._clf
+
+    def per_image(self, outputs: ImageSet, references: ImageSet) -> torch.Tensor:
+        clf = self.classifier()
+        got, want = clf.predict(outputs.images), clf.predict(references.images)
+        return torch.tensor([float(a == b) for a, b in zip(got, want, strict=True)], dtype=torch.float64)
