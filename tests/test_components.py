@@ -188,3 +188,46 @@ def test_img2img_mimic_runs_and_shares_noise_per_id(ctx):
     assert (single.images[0] - out.images[1]).abs().max() < 2 / 255
     with pytest.raises(ConfigError, match="mimic.strength"):
         Img2ImgEdit(strength=2)
+
+
+def test_inpaint_mimic_keeps_the_unmasked_region_close_and_shares_noise_per_id():
+    from finetune.editing import InpaintEdit
+    from harness.masks import edit_mask
+    from harness.models import ModelSpec
+
+    ctx = Context(device="cpu", batch_size=2, model=ModelSpec(source="tiny-random-inpaint", resolution=32))
+    edit = InpaintEdit(steps=3, mask="centre")
+    x = random_imageset(3, 32)
+    out = edit.run(x, make_generator(5), ctx)
+    assert out.images.shape == x.images.shape and out.ids == x.ids
+    assert 0 <= out.images.min() and out.images.max() <= 1
+    single = edit.run(x.select([2]), make_generator(5), Context(device="cpu", batch_size=1, model=ctx.model))
+    assert (single.images[0] - out.images[2]).abs().max() < 2 / 255
+    assert edit_mask("centre", 32, 32).sum() == 16 * 16
+    with pytest.raises(ConfigError, match="mimic.mask"):
+        InpaintEdit(mask="left")
+
+
+def test_lora_mimic_and_style_match_on_tiny_random(monkeypatch):
+    from finetune.lora import LoraMimic
+    from harness.metrics.clip import StyleMatch
+    from harness.models import ModelSpec
+
+    ctx = Context(device="cpu", batch_size=2, model=ModelSpec(source="tiny-random", resolution=32))
+    mimic = LoraMimic(steps=2, batch_size=2, sample_steps=2)
+    x = random_imageset(3, 32)
+    out = mimic.run(x, make_generator(1), ctx)
+    assert out.images.shape == x.images.shape and out.ids == x.ids and mimic.threat_model == "mimicry"
+    assert torch.equal(mimic.run(x, make_generator(1), ctx).images, out.images)  # deterministic
+    with pytest.raises(ConfigError, match="mimic.steps"):
+        LoraMimic(steps=0)
+    metric = StyleMatch()
+    same = metric(x, x)
+    assert same.tolist() == [1.0, 1.0, 1.0]  # an image always matches its own style
+    assert metric.higher_is_better
+    from harness.world import ProceduralArt
+
+    a = ProceduralArt(artists=["cyanora"], subjects=["house", "boat"], size=64).load()
+    b = ProceduralArt(artists=["impastel"], subjects=["house", "boat"], size=64).load()
+    b = type(b)(b.images, a.ids, a.captions)
+    assert metric(a, a).tolist() == [1.0, 1.0] and metric(b, a).tolist() == [0.0, 0.0]
