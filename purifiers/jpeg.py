@@ -52,3 +52,37 @@ class JPEG(Purifier):
             out[i] = np.asarray(Image.open(buf).convert("RGB"))
         result = ImageSet.from_uint8(out, images.ids, images.captions)
         return PurifierOutput(result, {"quality": self.quality, "subsampling": self.subsampling})
+
+
+class DifferentiableJPEG(Purifier):
+    """A differentiable JPEG surrogate (kornia's ``jpeg_codec_differentiable``, Shin & Song 2017 style
+    rounding approximation) for adaptive attacks that need gradients through the purifier.
+
+    Args:
+        quality: JPEG quality in [1, 100].
+
+    Shape: (N, 3, H, W) in [0, 1] in and out (H and W padded internally to multiples of 16 by kornia's
+    rules; sides must be multiples of 16 here); deterministic; differentiable in the input.
+    """
+
+    name = "jpeg_differentiable"
+    version = "1"
+    randomized = False
+
+    def __init__(self, quality: int = 75):
+        self.quality = check_range("purifier.quality", quality, 1, 100)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The surrogate on a tensor (N, 3, H, W) in [0, 1], with gradients."""
+        import kornia
+
+        h, w = x.shape[-2:]
+        if h % 16 or w % 16:
+            raise ConfigError(f"jpeg_differentiable needs image sides that are multiples of 16, got {h}x{w}")
+        q = torch.full((x.shape[0],), float(self.quality), device=x.device, dtype=x.dtype)
+        return kornia.enhance.jpeg_codec_differentiable(x, q).clamp(0, 1)
+
+    def purify(self, images: ImageSet, generator: torch.Generator, ctx: Context) -> PurifierOutput:
+        x = images.images
+        out = self.apply(x) if len(x) else x.clone()
+        return PurifierOutput(images.with_images(out), {"quality": self.quality, "codec": "kornia-differentiable"})

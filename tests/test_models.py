@@ -76,7 +76,11 @@ def test_spec_defaults_and_key():
     spec = ModelSpec(source="org/model")
     assert spec.name == "org/model" and spec.resolution == 512 and spec.kind == "hub"
     assert spec.key_dict() == {
-        "source": "org/model", "dtype": "float32", "revision": None, "variant": None, "resolution": 512,
+        "source": "org/model",
+        "dtype": "float32",
+        "revision": None,
+        "variant": None,
+        "resolution": 512,
     }
     named = ModelSpec(source="org/model", name="label")
     assert named.key_dict() == spec.key_dict()  # the display name is not part of the key

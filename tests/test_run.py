@@ -17,8 +17,15 @@ SWEEP = ["-m", "defense=none,noise", "purifier=none,jpeg", "seed=0,1"]
 
 
 def harness_cmd(results: Path, cache: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "harness.run", *args, f"runtime.results_dir={results}", f"runtime.cache_dir={cache}",
-            *FAST]
+    return [
+        sys.executable,
+        "-m",
+        "harness.run",
+        *args,
+        f"runtime.results_dir={results}",
+        f"runtime.cache_dir={cache}",
+        *FAST,
+    ]
 
 
 def run(cmd, **kw):
@@ -75,8 +82,11 @@ def test_rerun_is_served_from_cache_and_rewrites_nothing(sweep):
 
 def test_changing_only_the_purifier_reuses_protections_and_runtime_never_changes_keys(sweep, tmp_path):
     results, cache = sweep
-    run(harness_cmd(tmp_path / "R", cache, "defense=noise", "purifier=jpeg", "purifier.quality=50",
-                    "runtime.batch_size=1"))
+    run(
+        harness_cmd(
+            tmp_path / "R", cache, "defense=noise", "purifier=jpeg", "purifier.quality=50", "runtime.batch_size=1"
+        )
+    )
     (row,) = rows(tmp_path / "R").values()
     assert row["stages"]["data"]["cached"] and row["stages"]["protect"]["cached"]
     assert not row["stages"]["purify"]["cached"]
@@ -87,8 +97,14 @@ def test_killed_sweep_resumes_to_the_same_rows(sweep, tmp_path):
     results_ref, _ = sweep
     results, cache = tmp_path / "R", tmp_path / "C"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(harness_cmd(results, cache, *SWEEP), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        harness_cmd(results, cache, *SWEEP),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and len(list((results / "runs").glob("*.json"))) < 3:
         time.sleep(0.05)
@@ -141,7 +157,13 @@ def test_tables_cli_rebuilds_identically(sweep, tmp_path):
 )
 def test_bad_options_give_one_clear_error(tmp_path, args, needle):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run(harness_cmd(tmp_path / "R", tmp_path / "C", *args), cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        harness_cmd(tmp_path / "R", tmp_path / "C", *args),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert needle in proc.stdout + proc.stderr
