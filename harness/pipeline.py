@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from harness.cache import ArtifactStore, canonical_json, load_imageset, save_imageset, stage_key
-from harness.metrics import budget_metrics
+from harness.metrics import LatentDistance, budget_metrics
 from harness.protocols import Context, Defense, Metric, Mimic, Purifier
 from harness.seeding import derive_seed, make_generator
 from harness.types import ImageSet
@@ -110,6 +112,18 @@ def _stage_images(
     return images, StageRecord(stage, key, False, dt, compute_seconds, seed, extra)
 
 
+def _model_vae(ctx: Context) -> Any:
+    """The experiment model's VAE (text-to-image or inpainting checkpoints alike), or None if it has none."""
+    from harness.protocols import ConfigError
+
+    for task in ("text2img", "inpaint"):
+        try:
+            return getattr(ctx.pipeline(task), "vae", None)
+        except ConfigError:
+            continue
+    return None
+
+
 def _check_same_layout(stage: str, before: ImageSet, after: ImageSet) -> None:
     if after.ids != before.ids or after.captions != before.captions:
         raise RuntimeError(f"{stage}: the component changed the image ids or captions")
@@ -184,6 +198,17 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
         for prefix, images in pairs:
             per_image[f"{prefix}/{name}"] = metric(images, clean).tolist()
             higher[f"{prefix}/{name}"] = metric.higher_is_better
+    # the same in the model's latent space: how far the purifier brought the latent back to the clean one
+    vae = _model_vae(ctx) if exp.model is not None else None
+    if vae is not None:
+        latent = LatentDistance(vae, ctx.batch_size)
+        before, after = latent(protected, clean), latent(purified, clean)
+        per_image["budget/latent_l2"], per_image["purified/latent_l2"] = before.tolist(), after.tolist()
+        # 1: the purifier left the protection's latent shift as it was; 0: it removed it; nan without a shift
+        ratio = torch.where(before > 1e-9, after / before.clamp_min(1e-9), torch.full_like(before, float("nan")))
+        per_image["purified/latent_l2_ratio"] = ratio.tolist()
+        for k in ("budget/latent_l2", "purified/latent_l2", "purified/latent_l2_ratio"):
+            higher[k] = False
 
     # mimic (on the purified images, and on the clean ones as the reference for editing)
     if exp.mimic is not None:

@@ -62,8 +62,14 @@ def test_sweep_writes_eight_rows_and_tables(sweep):
         assert set(row["stages"]) == {"data", "protect", "purify", "mimic", "mimic_clean", "measure"}
         if row["labels"]["defense"] == "noise":
             assert row["budget"]["linf_max"] <= 8 / 255 + 1 / 255
+            assert all(v > 0 for v in row["per_image"]["budget/latent_l2"])  # noise moves the latent
+            if row["labels"]["purifier"] == "none":  # no purifier: the latent shift is left as it was
+                assert all(abs(v - 1) < 1e-6 for v in row["per_image"]["purified/latent_l2_ratio"])
+        else:
+            assert all(v != v for v in row["per_image"]["purified/latent_l2_ratio"])  # nan: nothing to undo
     summary = (results / "tables" / "summary.csv").read_text().strip().splitlines()
-    assert len(summary) == 1 + 4  # header + defense x purifier x mimic
+    assert len(summary) == 1 + 4 + 2  # header + defense x purifier x mimic + the best-of row per defense
+    assert sum("best-of (2)" in line for line in summary) == 2
     assert "editing/ssim" in (results / "tables" / "summary.md").read_text()
 
 

@@ -4,10 +4,10 @@
 a protected image and the edit of the clean image, higher means the protection failed).
 """
 
-from harness.metrics.distance import L2Distance, LinfDistance
+from harness.metrics.distance import L2Distance, LatentDistance, LinfDistance
 from harness.metrics.similarity import PSNR, SSIM
 
-__all__ = ["PSNR", "SSIM", "LinfDistance", "L2Distance", "budget_metrics"]
+__all__ = ["PSNR", "SSIM", "LinfDistance", "L2Distance", "LatentDistance", "budget_metrics"]
 
 
 def budget_metrics():
