@@ -56,6 +56,8 @@ __all__ = [
     "shipped_model_path",
     "build_tiny_random",
     "save_tiny_random",
+    "build_tiny_random_upscaler",
+    "save_tiny_random_upscaler",
     "tiny_clip_tokenizer",
     "write_tiny_tokenizer_files",
     "load_pipeline",
@@ -334,6 +336,29 @@ def tiny_clip_tokenizer() -> Any:
     return tokenizer
 
 
+def _tiny_text_encoder(tokenizer: Any) -> Any:
+    """A randomly initialised 2-layer ``CLIPTextModel`` of width 32 over ``tokenizer`` (draws from the global RNG).
+
+    Call it inside :func:`harness.seeding.isolated_torch_rng` for reproducible weights.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        layer_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(text_config)
+
+
 def build_tiny_random(seed: int = 0, inpaint: bool = False) -> Any:
     """Build a tiny, randomly initialised Stable-Diffusion-shaped pipeline, deterministically, offline.
 
@@ -362,7 +387,6 @@ def build_tiny_random(seed: int = 0, inpaint: bool = False) -> Any:
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_clip_tokenizer()
     with isolated_torch_rng(seed):
@@ -390,20 +414,7 @@ def build_tiny_random(seed: int = 0, inpaint: bool = False) -> Any:
             norm_num_groups=32,
             sample_size=TINY_RANDOM_RESOLUTION,
         )
-        text_config = CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-            layer_norm_eps=1e-5,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        text_encoder = CLIPTextModel(text_config)
+        text_encoder = _tiny_text_encoder(tokenizer)
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -443,6 +454,99 @@ def save_tiny_random(path: str | os.PathLike[str], inpaint: bool = False, seed: 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     build_tiny_random(seed=seed, inpaint=inpaint).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_tiny_random_upscaler(seed: int = 0) -> Any:
+    """A tiny, randomly initialised pipeline shaped like the SD x4 upscaler, built offline and deterministically.
+
+    Like ``stabilityai/stable-diffusion-x4-upscaler`` it is a ``StableDiffusionUpscalePipeline`` whose UNet takes
+    7 input channels (4 noisy latents + the 3-channel low-resolution image, concatenated at latent size) and
+    embeds the image's noise level through a class embedding (``num_class_embeds=1000``, passed as
+    ``class_labels``), whose VAE has three levels (it upsamples latents 4x) with ``scaling_factor`` 0.08333, a
+    ``DDPMScheduler`` that noises the low-resolution image and a v-prediction ``DDIMScheduler``;
+    ``max_noise_level`` is 350. The sizes are tiny (UNet 32/64 channels, VAE 32/64/64, the 2-layer text
+    encoder and generated tokenizer of :func:`build_tiny_random`). Outputs are meaningless pictures.
+
+    Args:
+        seed: seed of the weight initialisation (drawn inside :func:`harness.seeding.isolated_torch_rng`).
+
+    Returns:
+        The pipeline, float32 on CPU, progress bar disabled. An (N, 3, h, w) image in [0, 1] (h, w multiples of
+        4) gives (N, 3, 4h, 4w) outputs.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        StableDiffusionUpscalePipeline,
+        UNet2DConditionModel,
+    )
+
+    tokenizer = tiny_clip_tokenizer()
+    with isolated_torch_rng(seed):
+        unet = UNet2DConditionModel(
+            sample_size=TINY_RANDOM_RESOLUTION // 4,
+            in_channels=7,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=(2, 4),
+            norm_num_groups=32,
+            num_class_embeds=1000,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64, 64),
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=32,
+            sample_size=TINY_RANDOM_RESOLUTION,
+            scaling_factor=0.08333,
+        )
+        text_encoder = _tiny_text_encoder(tokenizer)
+    low_res_scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear"
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionUpscalePipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        low_res_scheduler=low_res_scheduler,
+        scheduler=scheduler,
+        max_noise_level=350,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_random_upscaler(path: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Write :func:`build_tiny_random_upscaler` ``(seed)`` as a diffusers folder (safetensors weights).
+
+    Returns:
+        The folder (it contains ``model_index.json``); ``StableDiffusionUpscalePipeline.from_pretrained`` or the
+        ``noisy_upscale`` purifier's ``upscaler_source`` loads it.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    build_tiny_random_upscaler(seed=seed).save_pretrained(path, safe_serialization=True)
     return path
 
 

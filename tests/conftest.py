@@ -41,3 +41,11 @@ def ctx():
     from harness.protocols import Context
 
     return Context(device="cpu", batch_size=2, model=ModelSpec(source="tiny-random", resolution=32))
+
+
+@pytest.fixture(scope="session")
+def tiny_upscaler_dir(tmp_path_factory) -> Path:
+    """A tiny random SD-x4-upscaler-shaped pipeline saved with save_pretrained (built offline, once per session)."""
+    from harness.models import save_tiny_random_upscaler
+
+    return save_tiny_random_upscaler(tmp_path_factory.mktemp("tiny-x4-upscaler"))
