@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from defenses.engine import PGDSettings, frozen, objective_report, run_pgd
+from defenses.engine import PGDSettings, frozen, objective_report, optimise_and_report
 from defenses.latent import (
     denoising_loss,
     encode_mean,
@@ -112,33 +112,21 @@ class AdvDM(Defense):
             frozen(pipe.unet, vae, pipe.text_encoder),
             gradient_checkpointing(pipe.unet, enabled=self.gradient_checkpointing),
         ):
-            res = run_pgd(
-                images.images,
-                images.ids,
+            protected, info = optimise_and_report(
+                images,
                 objective,
                 self.settings,
                 generator,
                 ctx,
-                desc=f"{self.name}:{self.mode}",
-                measure=False,
-            )
-            info = objective_report(
-                objective,
-                images.images,
-                res.images,
-                images.ids,
-                self.settings,
-                report_seed,
-                ctx,
                 name=f"{self.mode}_loss",
+                desc=f"{self.name}:{self.mode}",
             )
             if self.mode == "fused":  # both parts, so a row shows which one moved
                 for part, fn in (("semantic", semantic), ("textural", textural)):
                     s = PGDSettings(eps=self.eps, steps=0, step_size=0.0, eval_samples=8, maximize=part == "semantic")
                     info.update(
                         objective_report(
-                            fn, images.images, res.images, images.ids, s, report_seed, ctx, name=f"{part}_loss"
+                            fn, images.images, protected, images.ids, s, report_seed, ctx, name=f"{part}_loss"
                         )
                     )
-        info.update({"vanished_gradient_images": float(res.vanished.sum()), "optimisation_seconds": res.seconds})
-        return DefenseOutput(images.with_images(res.images), info)
+        return DefenseOutput(images.with_images(protected), info)

@@ -369,3 +369,35 @@ def objective_report(
     info: dict[str, Any] = {f"{name}_{k}": float(v.mean()) for k, v in values.items()}
     info[f"{name}_direction"] = 1.0 if settings.maximize else -1.0  # +1: the defense raises the objective
     return info
+
+
+def optimise_and_report(
+    images: Any,
+    objective: Objective,
+    settings: PGDSettings,
+    generator: torch.Generator,
+    ctx: Context,
+    *,
+    name: str,
+    desc: str,
+    report_objective: Objective | None = None,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Run the engine on an ImageSet and report: the protected images and the row's ``info``.
+
+    ``report_objective`` (default ``objective``) is measured on the clean images, on uniform noise of the same
+    budget and on the protected images (see :func:`objective_report`) under the name ``name``.
+    """
+    res = run_pgd(images.images, images.ids, objective, settings, generator, ctx, mask=mask, desc=desc, measure=False)
+    info = objective_report(
+        report_objective or objective,
+        images.images,
+        res.images,
+        images.ids,
+        settings,
+        derive_seed(generator.initial_seed(), "report"),
+        ctx,
+        name=name,
+    )
+    info.update({"vanished_gradient_images": float(res.vanished.sum()), "optimisation_seconds": res.seconds})
+    return res.images, info

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from defenses.engine import PGDSettings, frozen, objective_report, run_pgd
+from defenses.engine import PGDSettings, frozen, optimise_and_report
 from defenses.latent import encode_mean
 from defenses.photoguard import _check_int
 from harness.protocols import ConfigError, Context, Defense, DefenseOutput, check_range
@@ -144,19 +144,15 @@ class StyleCloak(Defense):
             return feature_distance(x, draws) + self.alpha * penalty
 
         with frozen(vae):
-            res = run_pgd(
-                images.images, images.ids, objective, self.settings, generator, ctx, desc=self.name, measure=False
-            )
-            info = objective_report(
-                feature_distance,
-                images.images,
-                res.images,
-                images.ids,
+            protected, info = optimise_and_report(
+                images,
+                objective,
                 self.settings,
-                derive_seed(generator.initial_seed(), "report"),
+                generator,
                 ctx,
                 name="feature_distance",
+                desc=self.name,
+                report_objective=feature_distance,
             )
-        info["perceptual_distance"] = float(perceptual_distance(images.images, res.images).mean())
-        info.update({"vanished_gradient_images": float(res.vanished.sum()), "optimisation_seconds": res.seconds})
-        return DefenseOutput(images.with_images(res.images), info)
+        info["perceptual_distance"] = float(perceptual_distance(images.images, protected).mean())
+        return DefenseOutput(images.with_images(protected), info)

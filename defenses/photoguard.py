@@ -24,11 +24,10 @@ import math
 
 import torch
 
-from defenses.engine import PGDSettings, check_norm, frozen, objective_report, run_pgd
+from defenses.engine import PGDSettings, check_norm, frozen, optimise_and_report
 from defenses.latent import edit_through_pipeline, encode_mean, gradient_checkpointing, text_embeddings
 from harness.masks import edit_mask
 from harness.protocols import ConfigError, Context, Defense, DefenseOutput, check_range
-from harness.seeding import derive_seed
 from harness.types import ImageSet
 
 __all__ = ["PhotoGuardEncoder", "PhotoGuardDiffusion"]
@@ -117,29 +116,17 @@ class PhotoGuardEncoder(Defense):
             return (z - z_target).flatten(1).norm(dim=1)
 
         with frozen(vae):
-            res = run_pgd(
-                images.images,
-                images.ids,
+            protected, info = optimise_and_report(
+                images,
                 objective,
                 self.settings,
                 generator,
                 ctx,
-                mask=None if keep is None else keep.cpu(),
-                desc=self.name,
-                measure=False,
-            )
-            info = objective_report(
-                objective,
-                images.images,
-                res.images,
-                images.ids,
-                self.settings,
-                derive_seed(generator.initial_seed(), "report"),
-                ctx,
                 name="latent_distance",
+                desc=self.name,
+                mask=None if keep is None else keep.cpu(),
             )
-        info.update({"vanished_gradient_images": float(res.vanished.sum()), "optimisation_seconds": res.seconds})
-        return DefenseOutput(images.with_images(res.images), info)
+        return DefenseOutput(images.with_images(protected), info)
 
 
 class PhotoGuardDiffusion(Defense):
@@ -255,26 +242,8 @@ class PhotoGuardDiffusion(Defense):
             frozen(pipe.unet, pipe.vae, pipe.text_encoder),
             gradient_checkpointing(pipe.unet, pipe.vae, enabled=self.gradient_checkpointing),
         ):
-            res = run_pgd(
-                images.images, images.ids, objective, settings, generator, ctx, mask=keep, desc=self.name, measure=False
+            protected, info = optimise_and_report(
+                images, objective, settings, generator, ctx, name="output_distance", desc=self.name, mask=keep
             )
-            info = objective_report(
-                objective,
-                images.images,
-                res.images,
-                images.ids,
-                settings,
-                derive_seed(generator.initial_seed(), "report"),
-                ctx,
-                name="output_distance",
-            )
-        info.update(
-            {
-                "vanished_gradient_images": float(res.vanished.sum()),
-                "optimisation_seconds": res.seconds,
-                "eps_scaled": settings.eps,
-                "step_scaled": settings.step_size,
-            }
-        )
-        out = res.images
-        return DefenseOutput(images.with_images(out), info)
+        info.update({"eps_scaled": settings.eps, "step_scaled": settings.step_size})
+        return DefenseOutput(images.with_images(protected), info)

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from defenses.engine import PGDSettings, frozen, objective_report, run_pgd
+from defenses.engine import PGDSettings, frozen, optimise_and_report
 from defenses.latent import denoising_loss, encode_sample, noise_target, text_embeddings
 from defenses.photoguard import _check_int
 from harness.protocols import ConfigError, Context, Defense, DefenseOutput, check_range
-from harness.seeding import derive_seed
 from harness.types import ImageSet
 
 __all__ = ["SDSProtection"]
@@ -91,25 +90,14 @@ class SDSProtection(Defense):
             return denoising_loss(pipe, encode_sample(vae, x, draws), cond, draws)
 
         with frozen(unet, vae, pipe.text_encoder):
-            res = run_pgd(
-                images.images,
-                images.ids,
+            protected, info = optimise_and_report(
+                images,
                 sds_surrogate,
                 self.settings,
                 generator,
                 ctx,
-                desc=f"sds{self.direction}",
-                measure=False,
-            )
-            info = objective_report(
-                diffusion_loss,
-                images.images,
-                res.images,
-                images.ids,
-                self.settings,
-                derive_seed(generator.initial_seed(), "report"),
-                ctx,
                 name="diffusion_loss",
+                desc=f"sds{self.direction}",
+                report_objective=diffusion_loss,
             )
-        info.update({"vanished_gradient_images": float(res.vanished.sum()), "optimisation_seconds": res.seconds})
-        return DefenseOutput(images.with_images(res.images), info)
+        return DefenseOutput(images.with_images(protected), info)
