@@ -266,4 +266,3 @@ def load_imageset(folder: Path) -> tuple[ImageSet, dict[str, Any]]:
     else:
         arr = np.stack([np.asarray(Image.open(folder / "images" / f"{i:05d}.png").convert("RGB")) for i in range(n)])
     return ImageSet.from_uint8(arr, meta["ids"], meta["captions"]), meta.get("extra", {})
-

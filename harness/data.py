@@ -159,9 +159,7 @@ def resize_center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.stack(channels, axis=-1), 0.0, 1.0)
 
 
-def pil_to_tensor(
-    img: Image.Image, size: int, *, allow_upscale: bool = False, source: str = "image"
-) -> torch.Tensor:
+def pil_to_tensor(img: Image.Image, size: int, *, allow_upscale: bool = False, source: str = "image") -> torch.Tensor:
     """Convert a decoded Pillow image to RGB and resize/centre-crop it.
 
     Args:
@@ -259,9 +257,7 @@ def _read_captions_jsonl(path: Path) -> list[tuple[str, str, int]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path} line {line_no}: not valid JSON ({e}); fix or remove the line"
-                ) from None
+                raise DataError(f"{path} line {line_no}: not valid JSON ({e}); fix or remove the line") from None
             if (
                 not isinstance(obj, dict)
                 or not isinstance(obj.get("file_name"), str)
@@ -319,10 +315,7 @@ class ImageFolder:
         self.recursive = _check_bool("dataset.recursive", recursive)
 
     def __repr__(self) -> str:
-        return (
-            f"ImageFolder(path={self.path!r}, size={self.size}, limit={self.limit}, "
-            f"recursive={self.recursive})"
-        )
+        return f"ImageFolder(path={self.path!r}, size={self.size}, limit={self.limit}, recursive={self.recursive})"
 
     def _root(self) -> Path:
         root = Path(self.path).expanduser().absolute()
@@ -358,9 +351,7 @@ class ImageFolder:
         if len(sidecars) > 1:
             raise DataError(f"{sidecars[0]} and {sidecars[1]} both exist; keep only one caption file")
         sidecar = sidecars[0]
-        rows = (
-            _read_metadata_csv(sidecar) if sidecar.name == "metadata.csv" else _read_captions_jsonl(sidecar)
-        )
+        rows = _read_metadata_csv(sidecar) if sidecar.name == "metadata.csv" else _read_captions_jsonl(sidecar)
         known = set(files)
         captions: dict[str, str] = {}
         for name, text, line in rows:
@@ -486,14 +477,11 @@ class SamplePhotos:
                 chosen = ()
             if not chosen or not all(isinstance(n, str) for n in chosen):
                 raise ConfigError(
-                    "dataset.names must be a non-empty list of sample-photo ids (or null for all), "
-                    f"got {names!r}"
+                    f"dataset.names must be a non-empty list of sample-photo ids (or null for all), got {names!r}"
                 )
             unknown = [n for n in chosen if n not in SAMPLE_PHOTOS]
             if unknown:
-                raise ConfigError(
-                    f"dataset.names: unknown sample photo(s) {unknown}; available: {list(SAMPLE_PHOTOS)}"
-                )
+                raise ConfigError(f"dataset.names: unknown sample photo(s) {unknown}; available: {list(SAMPLE_PHOTOS)}")
             if len(set(chosen)) != len(chosen):
                 raise ConfigError(f"dataset.names must not repeat a photo, got {list(chosen)}")
         self.size = _check_size(size)

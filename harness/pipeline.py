@@ -20,7 +20,7 @@ import torch
 
 from harness.cache import ArtifactStore, canonical_json, load_imageset, save_imageset, stage_key
 from harness.metrics import LatentDistance, budget_metrics
-from harness.protocols import Context, Defense, Metric, Mimic, Purifier
+from harness.protocols import Context, Defense, Metric, Mimic, Purifier, SetMetric
 from harness.seeding import derive_seed, make_generator
 from harness.types import ImageSet
 
@@ -76,10 +76,12 @@ class RunResult:
     higher_is_better: dict[str, bool]
     defense_info: dict[str, Any]
     purifier_params: dict[str, Any]
+    per_set: dict[str, float] = field(default_factory=dict)
 
     @property
     def metrics(self) -> dict[str, float]:
-        return {k: (sum(v) / len(v) if v else float("nan")) for k, v in self.per_image.items()}
+        out = {k: (sum(v) / len(v) if v else float("nan")) for k, v in self.per_image.items()}
+        return {**out, **self.per_set}
 
     @property
     def stage_keys(self) -> dict[str, str]:
@@ -191,6 +193,7 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
     purified, rec["purify"] = _stage_images(store, "purify", k_purify, s_purify, exp.purifier.name, do_purify)
 
     per_image: dict[str, list[float]] = {}
+    per_set: dict[str, float] = {}
     higher: dict[str, bool] = {}
     # the protection's realised budget, and how far the purifier moved the images from the clean ones
     for name, metric in budget_metrics().items():
@@ -252,9 +255,14 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
             cached = True
         else:
             measured = {"per_image": {}, "higher_is_better": {}}
+            measured["per_set"] = {}
             for name, metric in exp.metrics.items():
-                measured["per_image"][f"{exp.mimic.threat_model}/{name}"] = metric(outputs, references).tolist()
-                measured["higher_is_better"][f"{exp.mimic.threat_model}/{name}"] = metric.higher_is_better
+                key = f"{exp.mimic.threat_model}/{name}"
+                if isinstance(metric, SetMetric):  # FID, KID: one number for the two sets
+                    measured["per_set"][key] = float(metric.value(outputs, references))
+                else:
+                    measured["per_image"][key] = metric(outputs, references).tolist()
+                measured["higher_is_better"][key] = metric.higher_is_better
             store.put("measure", k_measure, lambda f: (Path(f) / "meta.json").write_text(canonical_json(measured)))
             cached = False
         dt = time.perf_counter() - t0
@@ -268,6 +276,7 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
         )
         rec["measure"] = StageRecord("measure", k_measure, cached, dt, dt, None)
         per_image.update(measured["per_image"])
+        per_set.update(measured.get("per_set", {}))
         higher.update(measured["higher_is_better"])
 
     return RunResult(
@@ -277,4 +286,5 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
         higher_is_better=higher,
         defense_info=rec["protect"].extra.get("info", {}),
         purifier_params=rec["purify"].extra.get("params", {}),
+        per_set=per_set,
     )

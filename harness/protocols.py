@@ -31,6 +31,7 @@ __all__ = [
     "PurifierOutput",
     "Mimic",
     "Metric",
+    "SetMetric",
 ]
 
 
@@ -170,3 +171,16 @@ class Metric(Component):
                 f"{self.name}: shapes differ: {tuple(outputs.images.shape)} vs {tuple(references.images.shape)}"
             )
         return self.per_image(outputs, references).to(torch.float64)
+
+
+class SetMetric(Component):
+    """A set-level score of ``outputs`` against ``references`` (FID, KID): one number per run.
+
+    ``higher_is_better`` as for :class:`Metric`. Tables aggregate set metrics over seeds.
+    """
+
+    higher_is_better: ClassVar[bool] = True
+
+    @abstractmethod
+    def value(self, outputs: ImageSet, references: ImageSet) -> float:
+        """One number for the two sets."""

@@ -13,8 +13,20 @@ from typing import Any
 import torch
 
 PACKAGES = (
-    "torch", "torchvision", "diffusers", "transformers", "peft", "kornia", "scikit-image", "open_clip_torch",
-    "piq", "pandas", "numpy", "hydra-core", "omegaconf", "pillow",
+    "torch",
+    "torchvision",
+    "diffusers",
+    "transformers",
+    "peft",
+    "kornia",
+    "scikit-image",
+    "open_clip_torch",
+    "piq",
+    "pandas",
+    "numpy",
+    "hydra-core",
+    "omegaconf",
+    "pillow",
 )
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,6 +34,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 @functools.lru_cache(maxsize=1)
 def git_state() -> dict[str, Any]:
     """The project's git commit and whether the work tree had uncommitted changes (None outside git)."""
+
     def git(*args: str) -> str | None:
         try:
             return subprocess.run(

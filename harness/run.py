@@ -140,6 +140,7 @@ def make_row(cfg: DictConfig, exp: Experiment, result: RunResult, labels: dict[s
         "metrics": result.metrics,
         "higher_is_better": result.higher_is_better,
         "per_image": result.per_image,
+        "set_metrics": result.per_set,
         "image_ids": result.image_ids,
         "budget": {
             "eps": getattr(exp.defense, "eps", None),
@@ -169,7 +170,13 @@ def run_from_config(
     labels = _labels(cfg, choices, overrides)
     log.info(
         "experiment: dataset=%s model=%s defense=%s purifier=%s mimic=%s seed=%d (device %s)",
-        labels["dataset"], labels["model"], labels["defense"], labels["purifier"], labels["mimic"], exp.seed, device,
+        labels["dataset"],
+        labels["model"],
+        labels["defense"],
+        labels["purifier"],
+        labels["mimic"],
+        exp.seed,
+        device,
     )
     ctx = Context(device=device, batch_size=int(rt.batch_size), model=exp.model, progress=_progress(bool(rt.progress)))
     store = ArtifactStore(rt.cache_dir)

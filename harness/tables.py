@@ -88,7 +88,9 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, dict[str, bool]
         key = tuple(row["labels"].get(c, "") for c in GROUP_COLUMNS)
         groups.setdefault(key, []).append(row)
         higher.update(row.get("higher_is_better", {}))
-    metric_names = sorted({m for row in rows for m in row["per_image"]}, key=_metric_order)
+    metric_names = sorted(
+        {m for row in rows for m in [*row["per_image"], *row.get("set_metrics", {})]}, key=_metric_order
+    )
     records = []
     for key in sorted(groups):
         members = groups[key]
@@ -96,7 +98,7 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, dict[str, bool]
         rec["seeds"] = len({r.get("seed") for r in members})
         rec["images"] = max(len(r.get("image_ids", [])) for r in members)
         for m in metric_names:
-            by_seed = [r["per_image"][m] for r in members if m in r["per_image"]]
+            by_seed = [_values(r, m) for r in members if _values(r, m) is not None]
             mean, lo, hi = bootstrap_ci(by_seed)
             rec[f"{m} mean"], rec[f"{m} ci_low"], rec[f"{m} ci_high"] = mean, lo, hi
         records.append(rec)
@@ -154,6 +156,15 @@ def _best_of_records(
             rec[f"{m} mean"], rec[f"{m} ci_low"], rec[f"{m} ci_high"] = bootstrap_ci(by_seed)
         records.append(rec)
     return records
+
+
+def _values(row: dict[str, Any], metric: str) -> list[float] | None:
+    """A row's per-image values of ``metric``, or its set-level value as a one-element list."""
+    if metric in row["per_image"]:
+        return row["per_image"][metric]
+    if metric in row.get("set_metrics", {}):
+        return [row["set_metrics"][metric]]
+    return None
 
 
 def _metric_order(name: str) -> tuple[int, str]:

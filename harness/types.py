@@ -47,9 +47,7 @@ class ImageSet:
         object.__setattr__(self, "ids", tuple(str(i) for i in self.ids))
         object.__setattr__(self, "captions", tuple(str(c) for c in self.captions))
         if len(self.ids) != x.shape[0] or len(self.captions) != x.shape[0]:
-            raise ImageSetError(
-                f"{x.shape[0]} images but {len(self.ids)} ids and {len(self.captions)} captions"
-            )
+            raise ImageSetError(f"{x.shape[0]} images but {len(self.ids)} ids and {len(self.captions)} captions")
         if len(set(self.ids)) != len(self.ids):
             dup = sorted({i for i in self.ids if self.ids.count(i) > 1})
             raise ImageSetError(f"ids must be unique; repeated: {dup[:5]}")
@@ -58,9 +56,7 @@ class ImageSet:
         if x.numel() and not torch.isfinite(x).all():
             raise ImageSetError("images contain NaN or infinite values")
         if x.numel() and (x.min() < 0 or x.max() > 1):
-            raise ImageSetError(
-                f"images must lie in [0, 1], got [{float(x.min()):.4g}, {float(x.max()):.4g}]"
-            )
+            raise ImageSetError(f"images must lie in [0, 1], got [{float(x.min()):.4g}, {float(x.max()):.4g}]")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

@@ -30,6 +30,8 @@ from harness.protocols import ConfigError, Metric
 from harness.types import ImageSet
 
 __all__ = [
+    "ClipImageSimilarity",
+    "ClipPromptSimilarity",
     "ClipModel",
     "ClipSpec",
     "StyleMatch",
@@ -269,3 +271,42 @@ class StyleMatch(Metric):
         clf = self.classifier()
         got, want = clf.predict(outputs.images), clf.predict(references.images)
         return torch.tensor([float(a == b) for a, b in zip(got, want, strict=True)], dtype=torch.float64)
+
+
+class ClipPromptSimilarity(Metric):
+    """Cosine similarity between each output image and a prompt (PhotoGuard's Fig. 6: does the edit follow
+    the prompt?). The prompt is ``prompt``, or each reference's caption when None. Higher: the mimic followed
+    the prompt (the attacker succeeded). With tiny-clip this is *not* a CLIP score."""
+
+    name = "clip_prompt_similarity"
+    version = "1"
+    higher_is_better = True
+
+    def __init__(self, clip: str = "tiny-clip", pretrained: str | None = None, prompt: str | None = None):
+        self.spec = ClipSpec(source=clip, pretrained=pretrained)
+        self.prompt = prompt or None
+
+    def per_image(self, outputs: ImageSet, references: ImageSet) -> torch.Tensor:
+        model = load_clip(self.spec)
+        texts = [self.prompt or c for c in references.captions]
+        img = model.encode_images(outputs.images)
+        txt = model.encode_texts(texts)
+        return (img * txt).sum(dim=1).double()
+
+
+class ClipImageSimilarity(Metric):
+    """Image-image style similarity: cosine between each output's image features and the mean feature of all
+    reference images (the artist's clean works), as in CLIP-based style similarity. Higher: closer to the
+    artist. With tiny-clip this is *not* a CLIP score."""
+
+    name = "clip_image_similarity"
+    version = "1"
+    higher_is_better = True
+
+    def __init__(self, clip: str = "tiny-clip", pretrained: str | None = None):
+        self.spec = ClipSpec(source=clip, pretrained=pretrained)
+
+    def per_image(self, outputs: ImageSet, references: ImageSet) -> torch.Tensor:
+        model = load_clip(self.spec)
+        centre = F.normalize(model.encode_images(references.images).mean(0), dim=0)
+        return (model.encode_images(outputs.images) @ centre).double()

@@ -64,3 +64,33 @@ class SSIM(Metric):
             reduction="none",
             downsample=False,
         )
+
+
+class VIFp(Metric):
+    """Pixel-domain visual information fidelity (Sheikh & Bovik 2006), per image, via ``piq.vif_p``.
+
+    PhotoGuard's Table 1 reports it between edits of immunized and clean images. ``references`` is the
+    reference image (VIF is not symmetric). Images must be at least 41 px a side (piq's four scales).
+    """
+
+    name = "vifp"
+    version = "1"
+    higher_is_better = True
+
+    def per_image(self, outputs: ImageSet, references: ImageSet) -> torch.Tensor:
+        h, w = outputs.size
+        if min(h, w) < 41:
+            raise ValueError(f"vifp needs images of at least 41 px a side, got {h} x {w}")
+        return piq.vif_p(outputs.images.double(), references.images.double(), data_range=1.0, reduction="none")
+
+
+class FSIM(Metric):
+    """Feature similarity (Zhang et al. 2011), chromatic FSIMc, per image, via ``piq.fsim`` (PhotoGuard's
+    Table 1)."""
+
+    name = "fsim"
+    version = "1"
+    higher_is_better = True
+
+    def per_image(self, outputs: ImageSet, references: ImageSet) -> torch.Tensor:
+        return piq.fsim(outputs.images.double(), references.images.double(), data_range=1.0, reduction="none")

@@ -1,0 +1,97 @@
+"""Metrics against hand computations and invariants."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from harness.metrics import FSIM, VIFp
+from harness.metrics.clip import ClipImageSimilarity, ClipPromptSimilarity
+from harness.metrics.distribution import FID, KID, extract_features
+from harness.protocols import ConfigError
+from harness.types import ImageSet
+from harness.world import ProceduralArt
+from tests.conftest import random_imageset
+
+
+def _art(artist, n_subjects=4, seed=0):
+    return ProceduralArt(artists=[artist], per_pair=1, size=64, seed=seed).load().select(slice(0, n_subjects))
+
+
+def test_vifp_and_fsim_are_one_on_identical_images_and_lower_otherwise():
+    a, b = random_imageset(2, 48, seed=1), random_imageset(2, 48, seed=2)
+    b = ImageSet(b.images, a.ids, a.captions)
+    for m in (VIFp(), FSIM()):
+        assert torch.allclose(m(a, a), torch.ones(2, dtype=torch.float64), atol=1e-4), m.name
+        assert (m(b, a) < 0.9).all(), m.name
+
+
+def test_fid_matches_a_hand_computation_and_is_zero_for_identical_sets():
+    x, y = _art("cyanora", 10), _art("impastel", 10)
+    fx, fy = extract_features(x.images).numpy(), extract_features(y.images).numpy()
+    mu1, mu2 = fx.mean(0), fy.mean(0)
+    s1, s2 = np.cov(fx, rowvar=False), np.cov(fy, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    by_hand = float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+    y_ids = ImageSet(y.images, x.ids, x.captions)
+    assert FID().value(y_ids, x) == pytest.approx(by_hand, rel=0.02, abs=1e-3)
+    assert abs(FID().value(x, x)) < 1e-3
+    # unbiased KID of a set with itself is only about 0 (the cross term keeps the diagonal)
+    assert KID().value(y_ids, x) > 10 * abs(KID().value(x, x))
+    with pytest.raises(ConfigError, match="weights"):
+        FID(features="inception").value(x, x)
+
+
+def test_clip_similarities_prefer_the_right_prompt_and_artist():
+    x = _art("cyanora")
+    other = ImageSet(_art("neonika").images, x.ids, x.captions)
+    same = ImageSet(_art("cyanora", seed=5).images, x.ids, x.captions)
+    right = ClipPromptSimilarity()(x, x)  # each image against its own caption
+    wrong = ClipPromptSimilarity(prompt="a boat in the style of neonika")(x, x)
+    assert (right > wrong).all()
+    sim = ClipImageSimilarity()
+    assert sim(same, x).mean() > sim(other, x).mean() + 0.1
+
+
+def test_set_metrics_reach_rows_and_tables(tmp_path):
+    from defenses.noise import UniformNoise
+    from finetune.editing import Img2ImgEdit
+    from harness.cache import ArtifactStore
+    from harness.metrics import PSNR
+    from harness.models import ModelSpec
+    from harness.pipeline import Experiment, run_experiment
+    from harness.protocols import Context
+    from harness.tables import summarize
+    from purifiers.identity import NoPurifier
+
+    class Data:
+        name, version = "random", "1"
+
+        def load(self):
+            return random_imageset(3, 32)
+
+    spec = ModelSpec(source="tiny-random", resolution=32)
+    exp = Experiment(
+        dataset=Data(),
+        defense=UniformNoise(0.03),
+        purifier=NoPurifier(),
+        mimic=Img2ImgEdit(steps=2),
+        metrics={"psnr": PSNR(), "kid": KID()},
+        model=spec,
+        seed=0,
+        configs={"dataset": {}, "defense": {"eps": 0.03}, "purifier": {}, "mimic": {"steps": 2}, "metrics": {"k": 1}},
+    )
+    result = run_experiment(exp, ArtifactStore(tmp_path), Context(batch_size=2, model=spec))
+    assert set(result.per_set) == {"editing/kid"} and "editing/kid" not in result.per_image
+    assert result.metrics["editing/kid"] == result.per_set["editing/kid"]
+    row = {
+        "labels": {"defense": "noise"},
+        "seed": 0,
+        "image_ids": result.image_ids,
+        "per_image": result.per_image,
+        "set_metrics": result.per_set,
+        "higher_is_better": result.higher_is_better,
+    }
+    table, higher = summarize([row])
+    assert table["editing/kid mean"].iloc[0] == pytest.approx(result.per_set["editing/kid"])
+    assert higher["editing/kid"] is False
