@@ -9,17 +9,16 @@ encoder and base UNet stay frozen. It is the positive control of every mimicry e
 from __future__ import annotations
 
 import copy
-import inspect
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from finetune.generate import check_int, class_images, generate_per_image, progress_logger
+from finetune.training import PriorImages, finetune_unet, pipeline_with_unet
 from harness.protocols import ConfigError, Context, Mimic, check_range
-from harness.seeding import derive_seed, isolated_torch_rng, make_generator
+from harness.seeding import derive_seed, isolated_torch_rng
 from harness.types import ImageSet
 
 #: UNet module names (suffixes) that get adapters: attention q/k/v/out, the transformer feed-forward, and the
@@ -38,6 +37,8 @@ def train_lora(
     seed: int = 0,
     targets: tuple[str, ...] = LORA_TARGETS,
     log: Callable[[int, float], None] | None = None,
+    prior: PriorImages | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Finetune a LoRA on ``images`` (captioned) and return a new pipeline that uses it.
 
@@ -56,6 +57,8 @@ def train_lora(
         seed: seed of the noise, timesteps, batches and flips.
         targets: UNet module-name suffixes that get adapters.
         log: optional callback ``log(step, loss)``.
+        prior: class images for DreamBooth's prior preservation (None: plain LoRA).
+        prompts: one training prompt per image (None: the captions).
 
     Returns:
         (the finetuned pipeline, a record with the trainable parameter count, final loss and seconds).
@@ -70,57 +73,26 @@ def train_lora(
     if len(images) == 0:
         raise ConfigError("LoRA finetuning needs at least one image")
     t0 = time.time()
-    device = pipe.unet.device
     unet = copy.deepcopy(pipe.unet).float().requires_grad_(False)
     with isolated_torch_rng(seed):  # peft initialises the adapters from the global RNG
         unet.add_adapter(
             LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets))
         )
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    gen = make_generator(seed)
-    scheduler = pipe.scheduler
-    n_train = scheduler.config.num_train_timesteps
-    alphas = scheduler.alphas_cumprod.to(device)
-    vae, text_encoder, tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
-    with torch.no_grad():
-        x = images.images.to(device, vae.dtype) * 2 - 1
-        x = torch.cat([x, x.flip(-1)])
-        post = vae.encode(x).latent_dist
-        means, stds = post.mean.float(), post.std.float()
-        tokens = tokenizer(
-            list(images.captions) * 2,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
-        cond = text_encoder(tokens)[0].float()
-    scale = vae.config.scaling_factor
-    unet.train()
-    loss_value = math.nan
-    for step in range(steps):
-        idx = torch.randint(0, means.shape[0], (batch_size,), generator=gen)
-        z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen).to(device)) * scale
-        noise = torch.randn(z.shape, generator=gen).to(device)
-        t = torch.randint(0, n_train, (batch_size,), generator=gen).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
-        pred = unet(noisy, t, cond[idx.to(device)]).sample
-        loss = F.mse_loss(pred.float(), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_value = loss.item()
-        if log is not None:
-            log(step + 1, loss_value)
-    unet.eval().requires_grad_(False)
-    torch.nn.Module.to(unet, dtype=pipe.unet.dtype)  # torch's own .to: diffusers' warns on every dtype cast
-    components = {**pipe.components, "unet": unet}
-    if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
-        components["requires_safety_checker"] = pipe.config.get("requires_safety_checker", False)
-    tuned = type(pipe)(**components)
-    tuned.set_progress_bar_config(disable=True)
+    loss_value = finetune_unet(
+        pipe,
+        unet,
+        params,
+        images,
+        list(prompts or images.captions),
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        prior=prior,
+        log=log,
+    )
+    tuned = pipeline_with_unet(pipe, unet)
     record = {
         "rank": rank,
         "steps": steps,
@@ -183,12 +155,6 @@ class LoraMimic(Mimic):
     def run(self, images: ImageSet, generator: torch.Generator, ctx: Context) -> ImageSet:
         pipe = ctx.pipeline("text2img")
         base_seed = generator.initial_seed()
-        steps = ctx.progress(range(self.steps), desc="lora finetune", unit="step")
-        bar = iter(steps)
-
-        def log(step: int, loss: float) -> None:
-            next(bar, None)
-
         tuned, _record = train_lora(
             pipe,
             images,
@@ -197,20 +163,82 @@ class LoraMimic(Mimic):
             lr=self.lr,
             batch_size=self.batch_size,
             seed=derive_seed(base_seed, "train"),
-            log=log,
+            log=progress_logger(ctx, self.steps, "lora finetune"),
         )
-        h, w = images.size
-        outputs = []
-        for _, batch in ctx.progress(list(images.batches(ctx.batch_size)), desc="lora generate", unit="batch"):
-            gens = [make_generator(derive_seed(base_seed, "sample", i)) for i in batch.ids]
-            out = tuned(
-                prompt=[self.prompt or c for c in batch.captions],
-                num_inference_steps=self.sample_steps,
-                guidance_scale=self.guidance_scale,
-                generator=gens,
-                output_type="pt",
-                height=h,
-                width=w,
-            ).images
-            outputs.append(batch.with_images(out.float().cpu().clamp(0, 1)))
-        return ImageSet.concat(outputs)
+        prompts = [self.prompt or c for c in images.captions]
+        return generate_per_image(
+            tuned, images, prompts, base_seed, self.sample_steps, self.guidance_scale, ctx, "lora generate"
+        )
+
+
+class DreamBoothLoraMimic(Mimic):
+    """DreamBooth-LoRA (Ruiz et al., CVPR 2023, with LoRA adapters as in Mist v2 and Anti-DreamBooth's attacks).
+
+    Every training image gets the same instance prompt with a rare identifier ("an artwork in the style of
+    sks"); prior preservation adds the denoising loss on ``class_images`` images that the base model
+    generates for ``class_prompt``. Then one image per training image is generated from ``generation_prompt``.
+    Published: lr 1e-4, 1000-2000 steps (SD); the defaults here are the embedded world's (rank 8, 400 steps,
+    lr 3e-3, like the LoRA positive control).
+    """
+
+    name = "dreambooth_lora"
+    version = "1"
+    threat_model = "mimicry"
+    uses_model = True
+
+    def __init__(
+        self,
+        instance_prompt: str = "an artwork in the style of sks",
+        class_prompt: str = "an artwork",
+        class_images: int = 16,
+        prior_weight: float = 1.0,
+        generation_prompt: str | None = None,
+        rank: int = 8,
+        steps: int = 400,
+        lr: float = 3e-3,
+        batch_size: int = 16,
+        sample_steps: int = 30,
+        guidance_scale: float = 5.0,
+    ):
+        if not instance_prompt or not class_prompt:
+            raise ConfigError("mimic.instance_prompt and mimic.class_prompt must be non-empty prompts")
+        self.instance_prompt, self.class_prompt = instance_prompt, class_prompt
+        self.class_images = check_int("mimic.class_images", class_images, 0)
+        self.prior_weight = check_range("mimic.prior_weight", prior_weight, 0.0, 100.0)
+        self.generation_prompt = generation_prompt or instance_prompt
+        self.rank = check_int("mimic.rank", rank, 1)
+        self.steps = check_int("mimic.steps", steps, 1)
+        self.lr = check_range("mimic.lr", lr, 1e-8, 1.0)
+        self.batch_size = check_int("mimic.batch_size", batch_size, 1)
+        self.sample_steps = check_int("mimic.sample_steps", sample_steps, 1)
+        self.guidance_scale = check_range("mimic.guidance_scale", guidance_scale, 0.0, 100.0)
+
+    def run(self, images: ImageSet, generator: torch.Generator, ctx: Context) -> ImageSet:
+        pipe = ctx.pipeline("text2img")
+        base_seed = generator.initial_seed()
+        prior = None
+        if self.class_images:
+            imgs = class_images(pipe, self.class_prompt, self.class_images, base_seed, images.size)
+            prior = PriorImages(imgs, self.class_prompt, self.prior_weight)
+        tuned, _ = train_lora(
+            pipe,
+            images,
+            rank=self.rank,
+            steps=self.steps,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            seed=derive_seed(base_seed, "train"),
+            log=progress_logger(ctx, self.steps, "dreambooth finetune"),
+            prior=prior,
+            prompts=[self.instance_prompt] * len(images),
+        )
+        return generate_per_image(
+            tuned,
+            images,
+            [self.generation_prompt] * len(images),
+            base_seed,
+            self.sample_steps,
+            self.guidance_scale,
+            ctx,
+            "dreambooth generate",
+        )

@@ -322,3 +322,25 @@ def test_lora_mimic_and_style_match_on_tiny_random(monkeypatch):
     b = ProceduralArt(artists=["impastel"], subjects=["house", "boat"], size=64).load()
     b = type(b)(b.images, a.ids, a.captions)
     assert metric(a, a).tolist() == [1.0, 1.0] and metric(b, a).tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("name", ["dreambooth_lora", "full_finetune"])
+def test_finetune_recipes_run_are_deterministic_and_change_the_model(name):
+    from finetune.full import FullFinetuneMimic
+    from finetune.generate import generate_per_image
+    from finetune.lora import DreamBoothLoraMimic
+    from harness.models import ModelSpec, load_pipeline
+
+    spec = ModelSpec(source="tiny-random", resolution=32)
+    ctx = Context(device="cpu", batch_size=2, model=spec)
+    fast = {"steps": 3, "batch_size": 2, "sample_steps": 2}
+    mimic = DreamBoothLoraMimic(class_images=2, **fast) if name == "dreambooth_lora" else FullFinetuneMimic(**fast)
+    x = random_imageset(2, 32)
+    out = mimic.run(x, make_generator(4), ctx)
+    assert out.images.shape == x.images.shape and out.ids == x.ids and mimic.threat_model == "mimicry"
+    assert torch.equal(mimic.run(x, make_generator(4), ctx).images, out.images)
+    prompts = [getattr(mimic, "generation_prompt", None) or c for c in x.captions]
+    base = generate_per_image(load_pipeline(spec, "text2img"), x, prompts, 4, 2, mimic.guidance_scale, ctx, "base")
+    assert not torch.equal(base.images, out.images)  # the finetune changed the model
+    with pytest.raises(ConfigError, match="mimic.steps"):
+        type(mimic)(steps=0)
