@@ -54,6 +54,7 @@ class AdvDM(Defense):
     name = "advdm"
     version = "1"
     uses_model = True
+    threat_models = ("mimicry",)
 
     def __init__(
         self,

@@ -49,6 +49,7 @@ class ASPL(Defense):
     name = "aspl"
     version = "1"
     uses_model = True
+    threat_models = ("mimicry",)
 
     def __init__(
         self,

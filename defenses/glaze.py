@@ -60,6 +60,7 @@ class StyleCloak(Defense):
     name = "glaze_style"
     version = "1"
     uses_model = True
+    threat_models = ("mimicry",)
 
     def __init__(
         self,

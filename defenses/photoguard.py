@@ -63,6 +63,7 @@ class PhotoGuardEncoder(Defense):
     name = "photoguard_encoder"
     version = "1"
     uses_model = True
+    threat_models = ("editing",)
 
     def __init__(
         self,
@@ -153,6 +154,7 @@ class PhotoGuardDiffusion(Defense):
     name = "photoguard_diffusion"
     version = "1"
     uses_model = True
+    threat_models = ("editing",)
 
     def __init__(
         self,

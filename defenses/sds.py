@@ -41,6 +41,7 @@ class SDSProtection(Defense):
     name = "sds"
     version = "1"
     uses_model = True
+    threat_models = ("mimicry",)
 
     def __init__(
         self,

@@ -110,6 +110,8 @@ class Defense(Component):
 
     #: the budget's L-inf bound in [0, 1] pixel units, or None when the defense has no L-inf budget.
     eps: float | None = None
+    #: the threat models the protection claims to defend (an audit runs these): "editing", "mimicry".
+    threat_models: ClassVar[tuple[str, ...]] = ("editing", "mimicry")
 
     @abstractmethod
     def protect(self, images: ImageSet, generator: torch.Generator, ctx: Context) -> DefenseOutput:

@@ -300,13 +300,21 @@ def evaluate_lora(
     return out
 
 
-def save_grid(images: torch.Tensor, rows: int, path: Path, labels: Sequence[str] | None = None, scale: int = 2) -> None:
-    """Save images (N, 3, H, W) in [0, 1] as a PNG grid of ``rows`` rows (row labels drawn at the left)."""
+def save_grid(
+    images: torch.Tensor,
+    rows: int,
+    path: Path,
+    labels: Sequence[str] | None = None,
+    scale: int = 2,
+    label_width: int = 90,
+) -> None:
+    """Save images (N, 3, H, W) in [0, 1] as a PNG grid of ``rows`` rows (row labels drawn at the left, in a
+    margin ``label_width`` pixels wide)."""
     from PIL import Image, ImageDraw
 
     n, _, h, w = images.shape
     cols = -(-n // rows)
-    margin = 90 if labels else 0
+    margin = label_width if labels else 0
     grid = Image.new("RGB", (margin + cols * w * scale, rows * h * scale), "white")
     arr = (images.permute(0, 2, 3, 1).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
     for i in range(n):

@@ -1,0 +1,52 @@
+"""The audit end to end on the tiny-random model: rows, report, verdict, grids, cache reuse, errors."""
+
+import json
+
+import pytest
+
+from harness.audit import main
+
+FAST = [
+    "audit=quick",
+    "audit.threat_models.editing.model=tiny-random",
+    "audit.threat_models.editing.metrics=editing",
+    "audit.threat_models.editing.dataset=sample_photos",
+    "audit.threat_models.editing.overrides=['dataset.limit=2','mimic.steps=4']",
+    "audit.purifiers=[none,jpeg]",
+    "audit.grid_images=2",
+    "runtime.progress=false",
+]
+
+
+def test_audit_writes_a_report_with_verdict_tables_and_grids(tmp_path, capsys):
+    args = [
+        "defense=photoguard_encoder",
+        "defense.steps=2",
+        *FAST,
+        f"runtime.results_dir={tmp_path / 'R'}",
+        f"runtime.cache_dir={tmp_path / 'C'}",
+    ]
+    assert main(args) == 0
+    folder = tmp_path / "R" / "audits" / "photoguard_encoder-steps-2"
+    report = (folder / "report.md").read_text()
+    assert "**Verdict.** editing:" in report and "## Budget actually used" in report
+    for role in ("| clean |", "| noise baseline |", "| protected |", "best-of (2)"):
+        assert role in report, role
+    assert "mimicry" not in report.split("## Summary")[1].split("##")[0]  # PhotoGuard claims editing only
+    html = (folder / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 1 and "<table>" in html
+    rows = [json.loads(p.read_text()) for p in (folder / "runs").glob("*.json")]
+    assert len(rows) == 4  # clean, noise baseline, protected x 2 purifiers
+    noise = next(r for r in rows if r["labels"]["defense"].startswith("noise"))
+    assert noise["budget"]["eps"] == pytest.approx(0.03)  # the baseline gets the protection's budget
+    # a second run computes nothing
+    assert main(args) == 0
+    again = [json.loads(p.read_text()) for p in (folder / "runs").glob("*.json")]
+    assert all(all(s["cached"] for s in r["stages"].values()) for r in again)
+
+
+def test_audit_errors_name_the_problem(tmp_path, capsys):
+    assert main(["audit=quick"]) == 2
+    assert "defense=<name>" in capsys.readouterr().err
+    assert main(["defense=nonexistent"]) == 2
+    assert "nonexistent" in capsys.readouterr().err
