@@ -1,0 +1,47 @@
+"""Positive controls on the embedded world: the attacks the harness measures must work on clean images, or a
+protection's "success" would mean nothing."""
+
+import pytest
+import torch
+
+from harness.models import ModelSpec
+from harness.protocols import Context
+from harness.seeding import make_generator
+
+SPEC = ModelSpec(source="tiny-sd", resolution=64)
+
+
+def test_editing_clean_artworks_follows_the_prompt():
+    from finetune.editing import Img2ImgEdit
+    from harness.metrics.clip import ClipPromptSimilarity, StyleMatch, load_clip, style_classifier
+    from harness.world import ProceduralArt
+
+    art = ProceduralArt(artists=["dottori", "vitralis"], subjects=["house", "boat", "sun"], size=64).load()
+    prompt = "a house in the style of opticor"
+    edit = Img2ImgEdit(prompt=prompt, strength=0.7, steps=30, guidance_scale=7.5)
+    out = edit.run(art, make_generator(0), Context(batch_size=6, model=SPEC))
+    clf = style_classifier(load_clip("tiny-clip"))
+    assert sum(p == "opticor" for p in clf.predict(out.images)) >= 4  # of 6
+    assert sum(p == "opticor" for p in clf.predict(art.images)) == 0
+    sim = ClipPromptSimilarity(prompt=prompt)
+    assert sim(out, art).mean() > sim(art, art).mean() + 0.05
+    assert StyleMatch()(out, art).mean() <= 0.34  # the edit left the original style
+
+
+@pytest.mark.slow
+def test_lora_mimicry_on_clean_held_out_artworks_succeeds():
+    """The tiny-sd model card's positive control through the harness's mimic and metric (about 4 min, 1 core)."""
+    from finetune.lora import LoraMimic
+    from harness.metrics.clip import StyleMatch
+    from harness.world import ProceduralArt
+
+    art = ProceduralArt(
+        artists=["impastel"],
+        subjects=["house", "tree", "boat", "mountain", "flower", "fish", "sun", "star"],
+        per_pair=2,
+        size=64,
+        split="train",
+    ).load()
+    out = LoraMimic().run(art, make_generator(0), Context(batch_size=16, model=SPEC))
+    before = StyleMatch()(art.with_images(torch.zeros_like(art.images) + 0.5), art).mean()
+    assert StyleMatch()(out, art).mean() >= 0.6 > before
