@@ -41,3 +41,31 @@ def test_defense_objective_table_says_whether_the_defense_beats_noise():
     table = defense_objectives([_row("pg", "none", [1, 1, 1], info=info), _row("weak", "none", [1, 1, 1], info=weak)])
     got = dict(zip(table["defense"], table["beats noise"], strict=True))
     assert got == {"pg": True, "weak": False}
+
+
+def test_purification_table_sets_each_purifier_beside_its_distortion_on_clean_images():
+    def row(defense, purifier, before, after):
+        return {
+            "labels": {"dataset": "d", "model": "m", "defense": defense, "purifier": purifier, "mimic": "none"},
+            "seed": 0,
+            "image_ids": ["a"],
+            "per_image": {
+                "budget/latent_l2": [before],
+                "purified/latent_l2": [after],
+                "purified/latent_l2_ratio": [after / before if before else float("nan")],
+                "purified/psnr": [30.0],
+                "purified/ssim": [0.9],
+            },
+            "higher_is_better": {},
+        }
+
+    from harness.tables import purification_table
+
+    table, _ = summarize(
+        [row("none", "jpeg", 0.0, 2.0), row("mist", "jpeg", 10.0, 9.0), row("mist", "none", 10.0, 10.0)]
+    )
+    got = purification_table(table)
+    mist = got[got["defense"] == "mist"].iloc[0]
+    assert (mist["latent dist before"], mist["latent dist after"], mist["purifier alone"]) == (10.0, 9.0, 2.0)
+    assert mist["latent ratio"] == pytest.approx(0.9)
+    assert list(got["purifier"]) == ["jpeg", "jpeg"]  # "none" is not a purifier row
