@@ -333,6 +333,9 @@ def write_report(
             )
         images: list[Path] = []
         protected_rows = [r for r in tm_rows if roles[r["run_id"]][1] == "protected" and r["seed"] == audit.seeds[0]]
+        # grid rows in the configured purifier order ("none", naive mimicry, first)
+        rank = {str(p): k for k, p in enumerate(audit.purifiers)}
+        protected_rows.sort(key=lambda r: rank.get(r["labels"]["purifier"], len(rank)))
         mimics = sorted({r["labels"]["mimic"] for r in protected_rows})
         for mimic in mimics:
             g = _grid(
