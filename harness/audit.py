@@ -90,6 +90,8 @@ def _cells(audit: Any, defense: str, defense_opts: list[str], eps: float | None,
                         (tm, "protected", [*common, f"defense={defense}", *defense_opts, f"purifier={purifier}"])
                     )
                 for b in audit.get("budgets") or []:
+                    if eps is not None and abs(float(b) - float(eps)) < 1e-12:
+                        continue  # that point is the protected run itself (same stage keys, same row)
                     cells.append(
                         (
                             tm,
@@ -205,8 +207,9 @@ def _budget_plot(table: Any, success: str, out: Path, title: str) -> Path | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweep = table[table["role"] == "budget sweep"].sort_values("eps")
-    if len(sweep) < 2:
+    points = (table["role"] == "budget sweep") | ((table["role"] == "protected") & (table["purifier"] == "none"))
+    sweep = table[points].sort_values("eps")
+    if (table["role"] == "budget sweep").sum() == 0 or len(sweep) < 2:
         return None
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
     x = sweep["eps"] * 255

@@ -50,3 +50,22 @@ def test_audit_errors_name_the_problem(tmp_path, capsys):
     assert "defense=<name>" in capsys.readouterr().err
     assert main(["defense=nonexistent"]) == 2
     assert "nonexistent" in capsys.readouterr().err
+
+
+def test_budget_sweep_draws_success_against_budget(tmp_path):
+    args = [
+        "defense=photoguard_encoder",
+        "defense.steps=2",
+        *FAST,
+        "audit.purifiers=[none]",
+        "audit.budgets=[0.01,0.03,0.05]",
+        f"runtime.results_dir={tmp_path / 'R'}",
+        f"runtime.cache_dir={tmp_path / 'C'}",
+    ]
+    assert main(args) == 0
+    folder = tmp_path / "R" / "audits" / "photoguard_encoder-steps-2"
+    assert (folder / "budget_editing.png").stat().st_size > 1000
+    report = (folder / "report.md").read_text()
+    # 0.03 is the protection's own budget: that point is the protected run, not a second copy of it
+    assert report.count("| budget sweep |") == 2 and "![success vs budget](budget_editing.png)" in report
+    assert "not enough runs" not in report
