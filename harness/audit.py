@@ -82,9 +82,10 @@ def _cells(audit: Any, defense: str, defense_opts: list[str], eps: float | None,
             for mimic in spec.mimics:
                 common = [*base, f"mimic={mimic}", f"seed={seed}"]
                 cells.append((tm, "clean", [*common, "defense=none", "purifier=none"]))
-                cells.append(
-                    (tm, "noise baseline", [*common, f"defense={audit.baseline}", *baseline_eps, "purifier=none"])
-                )
+                if defense != audit.baseline:  # auditing the baseline itself: its protected run is the baseline
+                    cells.append(
+                        (tm, "noise baseline", [*common, f"defense={audit.baseline}", *baseline_eps, "purifier=none"])
+                    )
                 for purifier in audit.purifiers:
                     cells.append(
                         (tm, "protected", [*common, f"defense={defense}", *defense_opts, f"purifier={purifier}"])
