@@ -222,7 +222,9 @@ def defense_objectives(rows: list[dict[str, Any]]) -> pd.DataFrame:
     for key in sorted(groups):
         members = groups[key]
         info0 = members[0]["defense_info"]
-        for obj in sorted(k[: -len("_protected")] for k in info0 if k.endswith("_protected")):
+        # an objective is what objective_report measured: it states its direction
+        objectives = [k[: -len("_protected")] for k in info0 if k.endswith("_protected")]
+        for obj in sorted(o for o in objectives if f"{o}_direction" in info0 or "objective_direction" in info0):
             vals = {
                 part: float(np.mean([r["defense_info"].get(f"{obj}_{part}", np.nan) for r in members]))
                 for part in ("clean", "noise", "protected")
