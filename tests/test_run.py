@@ -133,7 +133,9 @@ def test_joblib_launcher_with_a_shared_cache_gives_the_same_rows(sweep, tmp_path
     for k in ref:
         assert got[k]["stage_keys"] == ref[k]["stage_keys"]
         for m, values in ref[k]["per_image"].items():
-            if m.startswith(("budget/", "purified/")):  # CPU noise and JPEG: bit-exact
+            if "latent" in m:  # measured through the VAE: other thread counts round float sums differently
+                assert got[k]["per_image"][m] == pytest.approx(values, rel=1e-4, nan_ok=True)
+            elif m.startswith(("budget/", "purified/")):  # CPU noise and JPEG: bit-exact
                 assert got[k]["per_image"][m] == values
             else:  # model outputs: joblib workers use other thread counts, so float sums may round differently
                 assert got[k]["per_image"][m] == pytest.approx(values, rel=0.02)
