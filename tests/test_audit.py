@@ -69,3 +69,24 @@ def test_budget_sweep_draws_success_against_budget(tmp_path):
     # 0.03 is the protection's own budget: that point is the protected run, not a second copy of it
     assert report.count("| budget sweep |") == 2 and "![success vs budget](budget_editing.png)" in report
     assert "not enough runs" not in report
+
+
+def test_mimicry_audit_runs_finetunes_and_skips_editing(tmp_path):
+    args = [
+        "defense=mist",
+        "defense.steps=2",
+        "audit.threat_models.mimicry.model=tiny-random",
+        "audit.threat_models.mimicry.overrides=['dataset.subjects=[house,tree]','mimic.steps=2','mimic.sample_steps=2','mimic.batch_size=2']",
+        "audit.purifiers=[none,jpeg]",
+        "audit.grid_images=2",
+        "runtime.progress=false",
+        f"runtime.results_dir={tmp_path / 'R'}",
+        f"runtime.cache_dir={tmp_path / 'C'}",
+    ]
+    assert main(args) == 0
+    folder = tmp_path / "R" / "audits" / "mist-steps-2"
+    report = (folder / "report.md").read_text()
+    assert "**Verdict.** mimicry:" in report and "## Editing" not in report  # Mist claims mimicry only
+    assert "mimicry/style_match" in report and list(folder.glob("grid_mimicry_lora*.png"))
+    rows = [json.loads(p.read_text()) for p in (folder / "runs").glob("*.json")]
+    assert len(rows) == 4 and all(len(r["image_ids"]) == 4 for r in rows)
