@@ -95,3 +95,21 @@ def test_set_metrics_reach_rows_and_tables(tmp_path):
     table, higher = summarize([row])
     assert table["editing/kid mean"].iloc[0] == pytest.approx(result.per_set["editing/kid"])
     assert higher["editing/kid"] is False
+
+
+def test_lpips_needs_local_weights_and_is_zero_on_identical_images(tmp_path):
+    import torchvision
+
+    from harness.metrics import LPIPS
+
+    with pytest.raises(ConfigError, match="vgg_weights"):
+        LPIPS(vgg_weights=str(tmp_path / "missing.pth"), lpips_weights=str(tmp_path / "missing.pt"))
+    # random stand-ins for the two files (the real ones cannot be downloaded here): checks the wiring
+    torch.manual_seed(0)
+    torch.save(torchvision.models.vgg16(weights=None).state_dict(), tmp_path / "vgg.pth")
+    torch.save([torch.rand(1, c, 1, 1) for c in (64, 128, 256, 512, 512)], tmp_path / "lpips.pt")
+    metric = LPIPS(vgg_weights=str(tmp_path / "vgg.pth"), lpips_weights=str(tmp_path / "lpips.pt"))
+    a, b = random_imageset(2, 32, seed=1), random_imageset(2, 32, seed=2)
+    b = ImageSet(b.images, a.ids, a.captions)
+    assert torch.allclose(metric(a, a), torch.zeros(2, dtype=torch.float64), atol=1e-7)
+    assert (metric(b, a) > 0).all() and not metric.higher_is_better

@@ -94,3 +94,59 @@ class FSIM(Metric):
 
     def per_image(self, outputs: ImageSet, references: ImageSet) -> torch.Tensor:
         return piq.fsim(outputs.images.double(), references.images.double(), data_range=1.0, reduction="none")
+
+
+class LPIPS(Metric):
+    """Learned perceptual image patch similarity (Zhang et al., CVPR 2018), VGG-16 variant, via piq's
+    ``ContentLoss`` with LPIPS's layer weights. Lower: more alike.
+
+    Its two weight files cannot be downloaded here, so they are given as local paths:
+
+    - ``vgg_weights``: torchvision's ImageNet VGG-16 state dict (``vgg16-397923af.pth``);
+    - ``lpips_weights``: piq's LPIPS layer weights (``lpips_weights.pt`` from piq's v0.4.0 release), five
+      tensors of shape (1, C, 1, 1) for relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
+    """
+
+    name = "lpips"
+    version = "1"
+    higher_is_better = False
+
+    LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
+
+    def __init__(self, vgg_weights: str | None = None, lpips_weights: str | None = None):
+        from pathlib import Path
+
+        for option, value in (("vgg_weights", vgg_weights), ("lpips_weights", lpips_weights)):
+            if not value or not Path(value).expanduser().is_file():
+                raise ConfigError(
+                    f"metrics.lpips.{option}: weights file not found ({value!r}). LPIPS needs torchvision's VGG-16 "
+                    "ImageNet weights (vgg16-397923af.pth) and piq's lpips_weights.pt; download them on a machine "
+                    "with network and give both paths"
+                )
+        self.vgg_weights = str(Path(vgg_weights).expanduser())
+        self.lpips_weights = str(Path(lpips_weights).expanduser())
+        self._loss = None
+
+    def _model(self):
+        if self._loss is None:
+            import torchvision
+            from piq.perceptual import VGG16_LAYERS, ContentLoss
+
+            vgg = torchvision.models.vgg16(weights=None)
+            vgg.load_state_dict(torch.load(self.vgg_weights, map_location="cpu"))
+            weights = list(torch.load(self.lpips_weights, map_location="cpu"))
+            if len(weights) != len(self.LAYERS):
+                raise ConfigError(f"metrics.lpips.lpips_weights: expected 5 layer weights, got {len(weights)}")
+            self._loss = ContentLoss(
+                feature_extractor=vgg.features.eval(),
+                layers=[VGG16_LAYERS[n] for n in self.LAYERS],
+                weights=weights,
+                distance="mse",
+                reduction="none",
+                normalize_features=True,
+            )
+        return self._loss
+
+    def per_image(self, outputs: ImageSet, references: ImageSet) -> torch.Tensor:
+        with torch.no_grad():
+            return self._model()(outputs.images.float(), references.images.float()).double().flatten()
