@@ -13,8 +13,8 @@ import copy
 import torch
 
 from finetune.generate import check_int, generate_per_image, progress_logger
-from finetune.training import finetune_unet, pipeline_with_unet
-from harness.protocols import Context, Mimic, check_range
+from finetune.training import OPTIMIZERS, finetune_unet, pipeline_with_unet
+from harness.protocols import ConfigError, Context, Mimic, check_range
 from harness.seeding import derive_seed
 from harness.types import ImageSet
 
@@ -25,6 +25,7 @@ class FullFinetuneMimic(Mimic):
     Args:
         steps, lr, batch_size: the recipe. ema_decay: EMA of the weights (0 or None: off).
         gradient_checkpointing: trade time for memory (large models).
+        optimizer: "adamw" or "adamw8bit" (bitsandbytes, where installed: 8-bit optimizer state for SD).
         sample_steps, guidance_scale, prompt: the generations.
     """
 
@@ -40,6 +41,7 @@ class FullFinetuneMimic(Mimic):
         batch_size: int = 16,
         ema_decay: float | None = 0.99,
         gradient_checkpointing: bool = False,
+        optimizer: str = "adamw",
         sample_steps: int = 30,
         guidance_scale: float = 5.0,
         prompt: str | None = None,
@@ -49,6 +51,9 @@ class FullFinetuneMimic(Mimic):
         self.batch_size = check_int("mimic.batch_size", batch_size, 1)
         self.ema_decay = check_range("mimic.ema_decay", ema_decay, 0.0, 0.99999) if ema_decay else None
         self.gradient_checkpointing = bool(gradient_checkpointing)
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"mimic.optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+        self.optimizer = optimizer
         self.sample_steps = check_int("mimic.sample_steps", sample_steps, 1)
         self.guidance_scale = check_range("mimic.guidance_scale", guidance_scale, 0.0, 100.0)
         self.prompt = prompt or None
@@ -72,6 +77,7 @@ class FullFinetuneMimic(Mimic):
             seed=derive_seed(base_seed, "train"),
             ema_decay=self.ema_decay,
             log=progress_logger(ctx, self.steps, "full finetune"),
+            optimizer=self.optimizer,
         )
         if self.gradient_checkpointing:
             unet.disable_gradient_checkpointing()

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from harness.protocols import ConfigError
 from harness.seeding import make_generator
 from harness.types import ImageSet
 
@@ -68,6 +69,24 @@ def _loss(pipe: Any, unet: Any, means, stds, cond, batch_size: int, gen: torch.G
     return F.mse_loss(pred.float(), target)
 
 
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (optimizer state in 8 bits: how SD finetunes fit small GPUs)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError(
+                "mimic.optimizer=adamw8bit needs the bitsandbytes package (pip install bitsandbytes; CUDA only)"
+            ) from None
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
+    raise ConfigError(f"mimic.optimizer must be one of {list(OPTIMIZERS)}, got {name!r}")
+
+
 def finetune_unet(
     pipe: Any,
     unet: Any,
@@ -82,13 +101,14 @@ def finetune_unet(
     prior: PriorImages | None = None,
     ema_decay: float | None = None,
     log: Callable[[int, float], None] | None = None,
+    optimizer: str = "adamw",
 ) -> float:
     """Train ``params`` of ``unet`` (a copy of the pipeline's UNet) on ``images`` with ``prompts``.
 
     Returns the last step's loss. With ``ema_decay`` the parameters end as their exponential moving average.
     """
     gen = make_generator(seed)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = make_optimizer(optimizer, params, lr)
     means, stds, cond = _encode(pipe, images.images, prompts)
     prior_enc = _encode(pipe, prior.images, [prior.prompt] * len(prior.images)) if prior is not None else None
     ema = [p.detach().clone() for p in params] if ema_decay else None

@@ -344,3 +344,16 @@ def test_finetune_recipes_run_are_deterministic_and_change_the_model(name):
     assert not torch.equal(base.images, out.images)  # the finetune changed the model
     with pytest.raises(ConfigError, match="mimic.steps"):
         type(mimic)(steps=0)
+
+
+def test_full_finetune_optimizer_option():
+    import importlib.util
+
+    from finetune.full import FullFinetuneMimic
+    from finetune.training import make_optimizer
+
+    with pytest.raises(ConfigError, match="mimic.optimizer"):
+        FullFinetuneMimic(optimizer="sgd")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ConfigError, match="bitsandbytes"):
+            make_optimizer("adamw8bit", [torch.nn.Parameter(torch.zeros(2))], 1e-3)
