@@ -45,3 +45,23 @@ def test_lora_mimicry_on_clean_held_out_artworks_succeeds():
     out = LoraMimic().run(art, make_generator(0), Context(batch_size=16, model=SPEC))
     before = StyleMatch()(art.with_images(torch.zeros_like(art.images) + 0.5), art).mean()
     assert StyleMatch()(out, art).mean() >= 0.6 > before
+
+
+def test_full_finetune_mimicry_on_clean_held_out_artworks_succeeds():
+    """Mimicry's positive control in CI: a short full finetune on 8 clean artworks of a held-out artist makes
+    tiny-sd paint that style (7 of 8 when measured; the base model, prompted the same way, does not)."""
+    from finetune.full import FullFinetuneMimic
+    from finetune.generate import generate_per_image
+    from harness.metrics.clip import StyleMatch
+    from harness.models import load_pipeline
+    from harness.world import ProceduralArt
+
+    art = ProceduralArt(
+        artists=["cyanora"], subjects=["house", "tree", "boat", "mountain"], per_pair=2, size=64, split="train"
+    ).load()
+    ctx = Context(batch_size=8, model=SPEC)
+    mimic = FullFinetuneMimic(steps=120, batch_size=8, ema_decay=None, sample_steps=20)
+    out = mimic.run(art, make_generator(0), ctx)
+    base = generate_per_image(load_pipeline(SPEC, "text2img"), art, list(art.captions), 0, 20, 5.0, ctx, "base")
+    after, before = StyleMatch()(out, art).mean(), StyleMatch()(base, art).mean()
+    assert after >= 0.6 and before <= 0.25, (after, before)
