@@ -165,7 +165,9 @@ def _png_data(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def _grid(store: ArtifactStore, rows: list[dict[str, Any]], out: Path, n_images: int) -> Path | None:
+def _grid(
+    store: ArtifactStore, rows: list[dict[str, Any]], out: Path, n_images: int, clean_row: dict[str, Any] | None = None
+) -> Path | None:
     """Rows of images: clean, protected, purified, mimic output; one column group per purifier."""
     import torch
 
@@ -188,7 +190,9 @@ def _grid(store: ArtifactStore, rows: list[dict[str, Any]], out: Path, n_images:
         keys = rows[0]["stage_keys"]
         add("clean", load("data", keys.get("data")))
         add("protected", load("protect", keys.get("protect")))
-        add("mimic output on the clean images", load("mimic", keys.get("mimic_clean")))
+        # editing: the same edit of the clean images; mimicry: the mimic trained on the clean images
+        reference = keys.get("mimic_clean") or (clean_row or {}).get("stage_keys", {}).get("mimic")
+        add("mimic output on the clean images", load("mimic", reference))
     for r in rows:
         keys, purifier = r["stage_keys"], r["labels"]["purifier"]
         if purifier != "none":
@@ -347,6 +351,9 @@ def write_report(
                 [r for r in protected_rows if r["labels"]["mimic"] == mimic],
                 out / re.sub(r"[^A-Za-z0-9_.-]+", "-", f"grid_{tm}_{mimic}.png"),
                 int(audit.grid_images),
+                clean_row=next(
+                    (r for r in tm_rows if roles[r["run_id"]][1] == "clean" and r["labels"]["mimic"] == mimic), None
+                ),
             )
             if g is not None:
                 images.append(g)

@@ -88,5 +88,6 @@ def test_mimicry_audit_runs_finetunes_and_skips_editing(tmp_path):
     report = (folder / "report.md").read_text()
     assert "**Verdict.** mimicry:" in report and "## Editing" not in report  # Mist claims mimicry only
     assert "mimicry/style_match" in report and list(folder.glob("grid_mimicry_lora*.png"))
+    assert "mimic output on the clean images" in report  # the clean-trained mimic as the reference row
     rows = [json.loads(p.read_text()) for p in (folder / "runs").glob("*.json")]
     assert len(rows) == 4 and all(len(r["image_ids"]) == 4 for r in rows)
