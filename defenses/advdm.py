@@ -26,7 +26,6 @@ from defenses.latent import (
     latent_pattern,
     text_embeddings,
 )
-from defenses.photoguard import _check_int
 from harness.protocols import ConfigError, Context, Defense, DefenseOutput, check_range
 from harness.seeding import derive_seed
 from harness.types import ImageSet
@@ -74,12 +73,10 @@ class AdvDM(Defense):
         self.eps = check_range("defense.eps", eps, 0.0, 1.0)
         self.settings = PGDSettings(
             eps=self.eps,
-            steps=_check_int("defense.steps", steps, 0),
+            steps=steps,
             step_size=step_size,
-            norm="linf",
-            update="sign",
             random_start=False,
-            eot_samples=_check_int("defense.eot_samples", eot_samples, 1),
+            eot_samples=eot_samples,
             maximize=(mode == "semantic"),
             eval_samples=8,
         )

@@ -21,8 +21,7 @@ import torch
 
 from defenses.engine import Draws, PGDSettings, frozen, objective_report, run_pgd
 from defenses.latent import denoising_loss, encode_sample, text_embeddings
-from defenses.photoguard import _check_int
-from harness.protocols import ConfigError, Context, Defense, DefenseOutput, check_range
+from harness.protocols import ConfigError, Context, Defense, DefenseOutput, check_int, check_range
 from harness.seeding import derive_seed, isolated_torch_rng, make_generator
 from harness.types import ImageSet
 
@@ -68,24 +67,22 @@ class ASPL(Defense):
     ):
         self.eps = check_range("defense.eps", eps, 0.0, 1.0)
         self.step_size = check_range("defense.step_size", step_size, 0.0, 1.0)
-        self.rounds = _check_int("defense.rounds", rounds, 0)
-        self.surrogate_steps = _check_int("defense.surrogate_steps", surrogate_steps, 0)
-        self.pgd_steps = _check_int("defense.pgd_steps", pgd_steps, 1)
+        self.rounds = check_int("defense.rounds", rounds, 0)
+        self.surrogate_steps = check_int("defense.surrogate_steps", surrogate_steps, 0)
+        self.pgd_steps = check_int("defense.pgd_steps", pgd_steps, 1)
         self.lr = check_range("defense.lr", lr, 1e-10, 1.0)
-        self.rank = _check_int("defense.rank", rank, 1)
+        self.rank = check_int("defense.rank", rank, 1)
         self.instance_prompt = instance_prompt or None
         if prior_images and not class_prompt:
             raise ConfigError("defense.class_prompt is needed when defense.prior_images > 0")
         self.class_prompt = class_prompt or None
-        self.prior_images = _check_int("defense.prior_images", prior_images, 0)
+        self.prior_images = check_int("defense.prior_images", prior_images, 0)
         self.prior_weight = check_range("defense.prior_weight", prior_weight, 0.0, 1e3)
-        self.surrogate_batch = _check_int("defense.surrogate_batch", surrogate_batch, 1)
+        self.surrogate_batch = check_int("defense.surrogate_batch", surrogate_batch, 1)
         self.settings = PGDSettings(
             eps=self.eps,
             steps=self.pgd_steps,
             step_size=self.step_size,
-            norm="linf",
-            update="sign",
             random_start=False,
             maximize=True,
             eval_samples=8,

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from harness.protocols import ConfigError, Context, check_range
+from harness.protocols import ConfigError, Context, check_int, check_range
 from harness.seeding import derive_seed, make_generator
 
 __all__ = ["PGDSettings", "Draws", "Objective", "PGDResult", "run_pgd", "frozen", "uniform_noise", "check_norm"]
@@ -124,9 +124,7 @@ class PGDSettings:
         check_range(f"{o}.eps", self.eps, 0.0, high)
         check_range(f"{o}.step_size", self.step_size, 0.0, high)
         for name in ("steps", "eot_samples", "eval_samples"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps" else 1):
-                raise ConfigError(f"{o}.{name} must be an integer >= {0 if name == 'steps' else 1}, got {v!r}")
+            check_int(f"{o}.{name}", getattr(self, name), 0 if name == "steps" else 1)
         if self.update not in UPDATES:
             raise ConfigError(f"{o}.update must be one of {list(UPDATES)}, got {self.update!r}")
         if self.schedule not in SCHEDULES:

@@ -23,8 +23,7 @@ import torch
 
 from defenses.engine import PGDSettings, frozen, optimise_and_report
 from defenses.latent import encode_mean
-from defenses.photoguard import _check_int
-from harness.protocols import ConfigError, Context, Defense, DefenseOutput, check_range
+from harness.protocols import ConfigError, Context, Defense, DefenseOutput, check_int, check_range
 from harness.seeding import derive_seed, make_generator
 from harness.types import ImageSet
 
@@ -84,7 +83,7 @@ class StyleCloak(Defense):
             )
         self.target_prompt = target_prompt
         self.target_strength = check_range("defense.target_strength", target_strength, 0.01, 1.0)
-        self.target_steps = _check_int("defense.target_steps", target_steps, 1)
+        self.target_steps = check_int("defense.target_steps", target_steps, 1)
         self.target_guidance = check_range("defense.target_guidance", target_guidance, 0.0, 100.0)
         if int(self.target_steps * self.target_strength) < 1:
             raise ConfigError(
@@ -96,9 +95,8 @@ class StyleCloak(Defense):
         self.eps = check_range("defense.eps", eps, 0.0, 1.0)
         self.settings = PGDSettings(
             eps=self.eps,
-            steps=_check_int("defense.steps", steps, 0),
+            steps=steps,
             step_size=check_range("defense.lr", lr, 0, 1),
-            norm="linf",
             update="adam",
             random_start=False,
             eval_samples=1,

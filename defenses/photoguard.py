@@ -27,19 +27,13 @@ import torch
 from defenses.engine import PGDSettings, check_norm, frozen, optimise_and_report
 from defenses.latent import edit_through_pipeline, encode_mean, gradient_checkpointing, text_embeddings
 from harness.masks import edit_mask
-from harness.protocols import ConfigError, Context, Defense, DefenseOutput, check_range
+from harness.protocols import ConfigError, Context, Defense, DefenseOutput, check_int, check_range
 from harness.types import ImageSet
 
 __all__ = ["PhotoGuardEncoder", "PhotoGuardDiffusion"]
 
 TARGETS = ("grey", "zero")
 VARIANTS = ("img2img", "inpaint")
-
-
-def _check_int(option: str, value: int, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{option} must be an integer >= {low}, got {value!r}")
-    return value
 
 
 class PhotoGuardEncoder(Defense):
@@ -85,10 +79,8 @@ class PhotoGuardEncoder(Defense):
         self.eps = check_range("defense.eps", eps, 0.0, 1.0)
         self.settings = PGDSettings(
             eps=self.eps,
-            steps=_check_int("defense.steps", steps, 0),
+            steps=steps,
             step_size=step_size,
-            norm="linf",
-            update="sign",
             schedule=schedule,
             final_step_fraction=final_step_fraction,
             random_start=bool(random_start),
@@ -177,9 +169,9 @@ class PhotoGuardDiffusion(Defense):
         self.norm = check_norm("defense.norm", norm)
         self.raw_eps = check_range("defense.eps", eps, 0.0, 1.0 if norm == "linf" else 1e4)
         self.raw_step = check_range("defense.step_size", step_size, 0.0, 1e4)
-        self.steps = _check_int("defense.steps", steps, 0)
-        self.grad_repeats = _check_int("defense.grad_repeats", grad_repeats, 1)
-        self.edit_steps = _check_int("defense.edit_steps", edit_steps, 1)
+        self.steps = check_int("defense.steps", steps, 0)
+        self.grad_repeats = check_int("defense.grad_repeats", grad_repeats, 1)
+        self.edit_steps = check_int("defense.edit_steps", edit_steps, 1)
         self.strength = check_range("defense.strength", strength, 0.01, 1.0)
         self.guidance_scale = check_range("defense.guidance_scale", guidance_scale, 0.0, 100.0)
         self.prompt = prompt or None

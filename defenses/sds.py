@@ -19,7 +19,6 @@ import torch
 
 from defenses.engine import PGDSettings, frozen, optimise_and_report
 from defenses.latent import denoising_loss, encode_sample, noise_target, text_embeddings
-from defenses.photoguard import _check_int
 from harness.protocols import ConfigError, Context, Defense, DefenseOutput, check_range
 from harness.types import ImageSet
 
@@ -58,12 +57,10 @@ class SDSProtection(Defense):
         self.eps = check_range("defense.eps", eps, 0.0, 1.0)
         self.settings = PGDSettings(
             eps=self.eps,
-            steps=_check_int("defense.steps", steps, 0),
+            steps=steps,
             step_size=step_size,
-            norm="linf",
-            update="sign",
             random_start=False,
-            eot_samples=_check_int("defense.eot_samples", eot_samples, 1),
+            eot_samples=eot_samples,
             maximize=(direction == "+"),
             eval_samples=8,
         )

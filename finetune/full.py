@@ -12,9 +12,9 @@ import copy
 
 import torch
 
-from finetune.generate import check_int, generate_per_image, progress_logger
+from finetune.generate import generate_per_image, progress_logger
 from finetune.training import OPTIMIZERS, finetune_unet, pipeline_with_unet
-from harness.protocols import ConfigError, Context, Mimic, check_range
+from harness.protocols import ConfigError, Context, Mimic, check_int, check_range
 from harness.seeding import derive_seed
 from harness.types import ImageSet
 

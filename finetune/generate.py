@@ -42,14 +42,6 @@ def generate_per_image(
     return ImageSet.concat(outputs) if outputs else images
 
 
-def check_int(option: str, value: Any, low: int) -> int:
-    from harness.protocols import ConfigError
-
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{option} must be an integer >= {low}, got {value!r}")
-    return value
-
-
 def progress_logger(ctx: Context, steps: int, desc: str):
     """A ``log(step, loss)`` callback that advances a progress bar of ``steps``."""
     bar = iter(ctx.progress(range(steps), desc=desc, unit="step"))

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from finetune.generate import check_int, class_images, generate_per_image, progress_logger
+from finetune.generate import class_images, generate_per_image, progress_logger
 from finetune.training import PriorImages, finetune_unet, pipeline_with_unet
-from harness.protocols import ConfigError, Context, Mimic, check_range
+from harness.protocols import ConfigError, Context, Mimic, check_int, check_range
 from harness.seeding import derive_seed, isolated_torch_rng
 from harness.types import ImageSet
 
@@ -65,10 +65,8 @@ def train_lora(
     """
     from peft import LoraConfig
 
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ConfigError(f"mimic.rank must be an integer >= 1, got {rank!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"mimic.steps must be an integer >= 1, got {steps!r}")
+    check_int("mimic.rank", rank, 1)
+    check_int("mimic.steps", steps, 1)
     check_range("mimic.lr", lr, 1e-8, 1.0)
     if len(images) == 0:
         raise ConfigError("LoRA finetuning needs at least one image")
@@ -139,15 +137,10 @@ class LoraMimic(Mimic):
         guidance_scale: float = 5.0,
         prompt: str | None = None,
     ):
-        for option, v, low in (
-            ("rank", rank, 1),
-            ("steps", steps, 1),
-            ("batch_size", batch_size, 1),
-            ("sample_steps", sample_steps, 1),
-        ):
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"mimic.{option} must be an integer >= {low}, got {v!r}")
-        self.rank, self.steps, self.batch_size, self.sample_steps = rank, steps, batch_size, sample_steps
+        self.rank = check_int("mimic.rank", rank, 1)
+        self.steps = check_int("mimic.steps", steps, 1)
+        self.batch_size = check_int("mimic.batch_size", batch_size, 1)
+        self.sample_steps = check_int("mimic.sample_steps", sample_steps, 1)
         self.lr = check_range("mimic.lr", lr, 1e-8, 1.0)
         self.guidance_scale = check_range("mimic.guidance_scale", guidance_scale, 0.0, 100.0)
         self.prompt = prompt or None

@@ -35,6 +35,7 @@ from typing import Any
 
 from harness.cache import ArtifactStore, atomic_write_bytes, atomic_write_text, load_imageset
 from harness.protocols import ConfigError
+from harness.report import save_grid
 from harness.run import CONFIG_DIR, HarnessError, run_from_config
 from harness.tables import BEST_OF, defense_objectives, load_rows, summarize
 
@@ -171,7 +172,6 @@ def _grid(
     """Rows of images: clean, protected, purified, mimic output; one column group per purifier."""
     import torch
 
-    from harness.zoo.evaluate import save_grid
 
     def load(stage: str, key: str | None):
         if key is None:

@@ -50,6 +50,13 @@ def check_range(option: str, value: float, low: float, high: float) -> float:
     return v
 
 
+def check_int(option: str, value: Any, low: int) -> int:
+    """Return ``value`` if it is an integer (not a bool) ``>= low``, else raise a ConfigError naming ``option``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{option} must be an integer >= {low}, got {value!r}")
+    return value
+
+
 def _identity_progress(iterable: Iterable, **_: Any) -> Iterable:
     return iterable
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harness.protocols import ConfigError, Context, Purifier, PurifierOutput, check_range
+from harness.protocols import ConfigError, Context, Purifier, PurifierOutput, check_int, check_range
 from harness.seeding import derive_seed, make_generator
 from harness.types import ImageSet
 
@@ -68,8 +68,7 @@ class DiffPure(Purifier):
 
     def __init__(self, strength: float = 0.1, steps: int = 100, prompt: str = "", guidance_scale: float = 1.0):
         self.strength = check_range("purifier.strength", strength, 0.0, 1.0)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ConfigError(f"purifier.steps must be an integer >= 1, got {steps!r}")
+        check_int("purifier.steps", steps, 1)
         if int(steps * self.strength) < 1:
             raise ConfigError(
                 f"purifier.steps x purifier.strength must give at least one denoising step, got {steps} x {strength}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.protocols import ConfigError, Context, Purifier, PurifierOutput, check_range
+from harness.protocols import ConfigError, Context, Purifier, PurifierOutput, check_int, check_range
 from harness.seeding import derive_seed
 from harness.types import ImageSet
 from purifiers.diffpure import diffuse_and_denoise
@@ -47,10 +47,8 @@ class GrIDPure(Purifier):
         crop_fraction: float = 0.5,
         prompt: str = "",
     ):
-        for option, v in (("passes", passes), ("steps", steps)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"purifier.{option} must be an integer >= 1, got {v!r}")
-        self.passes, self.steps = passes, steps
+        self.passes = check_int("purifier.passes", passes, 1)
+        self.steps = check_int("purifier.steps", steps, 1)
         self.strength = check_range("purifier.strength", strength, 0.0, 1.0)
         if int(steps * self.strength) < 1:
             raise ConfigError("purifier.steps x purifier.strength must give at least one denoising step")

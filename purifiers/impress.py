@@ -18,7 +18,7 @@ import torch
 from defenses.engine import PGDSettings, frozen, run_pgd
 from defenses.glaze import perceptual_distance
 from defenses.latent import decode, encode_mean
-from harness.protocols import ConfigError, Context, Purifier, PurifierOutput, check_range
+from harness.protocols import ConfigError, Context, Purifier, PurifierOutput, check_int, check_range
 from harness.seeding import derive_seed, make_generator
 from harness.types import ImageSet
 
@@ -45,8 +45,7 @@ class Impress(Purifier):
         initial_noise: float = 0.1,
         perceptual: str = "ssim",
     ):
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ConfigError(f"purifier.steps must be an integer >= 0, got {steps!r}")
+        check_int("purifier.steps", steps, 0)
         if perceptual != "ssim":
             raise ConfigError(
                 f"purifier.perceptual must be 'ssim' (LPIPS needs pretrained weights), got {perceptual!r}"

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from harness.report import save_grid
 from harness.zoo import cards
 
 ZOO = Path(__file__).resolve().parent
@@ -153,7 +154,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
         # one row per artist: the first seed of every subject
         first = samples.view(len(ARTISTS), len(SUBJECTS), -1, *samples.shape[1:])[:, :, 0].flatten(0, 1)
-        ev.save_grid(first, len(ARTISTS), out / "tiny-sd-text2img.png", labels=list(ARTISTS))
+        save_grid(first, len(ARTISTS), out / "tiny-sd-text2img.png", labels=list(ARTISTS))
         sd["img2img"] = ev.evaluate_img2img(load_pipeline(spec, "img2img", args.device), clf)
         print("img2img", json.dumps(sd["img2img"]), flush=True)
         if not args.skip_lora:
@@ -170,7 +171,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_grid(args: argparse.Namespace) -> None:
     from harness.world import ARTISTS, SUBJECTS, ProceduralArt
-    from harness.zoo.evaluate import save_grid
 
     art = ProceduralArt(per_pair=1, seed=args.seed, split="eval").load()
     save_grid(art.images, len(ARTISTS), Path(args.out), labels=list(ARTISTS))
