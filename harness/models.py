@@ -29,6 +29,7 @@ This module imports diffusers and transformers lazily, so importing :class:`Mode
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -131,10 +132,14 @@ class ModelSpec:
         resolution: native image side in pixels the model works at (512 for SD 1.x, 32 for tiny-random);
             a positive multiple of 8.
         name: display label for tables and logs; defaults to ``source``. Not part of the cache key.
+        inpaint_source: the same family's dedicated inpainting checkpoint (9-channel UNet), loaded for
+            ``task="inpaint"`` so that one ``model=`` choice serves img2img and inpainting edits alike
+            (``tiny-sd`` -> ``tiny-sd-inpaint``, SD 1.5 -> ``stable-diffusion-inpainting``). None: inpaint with
+            ``source`` itself (an inpainting checkpoint, or diffusers' mask blending for a 4-channel UNet).
 
     Raises:
         ConfigError: naming ``model.source``, ``model.dtype``, ``model.revision``, ``model.variant`` or
-            ``model.resolution`` when that value is invalid.
+            ``model.resolution`` or ``model.inpaint_source`` when that value is invalid.
     """
 
     source: str
@@ -143,6 +148,7 @@ class ModelSpec:
     variant: str | None = None
     resolution: int = 512
     name: str = ""
+    inpaint_source: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
@@ -158,6 +164,8 @@ class ModelSpec:
             raise ConfigError(f"model.resolution must be a positive multiple of 8 (pixels), got {res!r}")
         if not isinstance(self.name, str):
             raise ConfigError(f"model.name must be a string, got {self.name!r}")
+        if self.inpaint_source is not None and (not isinstance(self.inpaint_source, str) or not self.inpaint_source):
+            raise ConfigError(f"model.inpaint_source must be a non-empty string or null, got {self.inpaint_source!r}")
         if not self.name:
             object.__setattr__(self, "name", self.source)
 
@@ -169,6 +177,13 @@ class ModelSpec:
         if self.source in SHIPPED_MODELS:
             return "shipped"
         return "local" if _is_local_source(self.source) else "hub"
+
+    def for_task(self, task: str) -> ModelSpec:
+        """The spec that serves ``task``: the family's inpainting checkpoint for ``"inpaint"`` when
+        ``inpaint_source`` is set, else this spec."""
+        if task == "inpaint" and self.inpaint_source:
+            return dataclasses.replace(self, source=self.inpaint_source, inpaint_source=None, name=self.inpaint_source)
+        return self
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -198,6 +213,8 @@ class ModelSpec:
             key["weights_sha256"] = (
                 _folder_digest(str(folder), tuple(f.stat().st_mtime for f in files)) if files else None
             )
+        if self.inpaint_source:
+            key["inpaint"] = self.for_task("inpaint").key_dict()
         return key
 
 
@@ -746,6 +763,7 @@ def load_pipeline(spec: ModelSpec, task: str = "img2img", device: str = "cpu") -
         raise ConfigError(f"task must be one of {list(TASKS)}, got {task!r}")
     if not isinstance(spec, ModelSpec):
         raise ConfigError(f"model must be a harness.models.ModelSpec, got {type(spec).__name__}")
+    spec = spec.for_task(task)
     dev = torch.device(device)
     model_key = (json.dumps(spec.key_dict(), sort_keys=True), str(dev))
     task_key = (*model_key, task)

@@ -30,7 +30,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness.cache import ArtifactStore, atomic_write_text, canonical_json
 from harness.data import DataError
@@ -71,15 +71,45 @@ def _progress(enabled: bool):
     return wrap
 
 
+def _option_overrides(cfg: DictConfig, choices: Mapping[str, str] | None) -> dict[str, dict[str, Any]]:
+    """``option_overrides`` entries that apply to this run: ``{group: {key: value}}`` for each group whose chosen
+    option the config lists (``option_overrides.<group>.<option>``)."""
+    table = cfg.get("option_overrides") or {}
+    out: dict[str, dict[str, Any]] = {}
+    for group, per_option in table.items():
+        if group not in GROUPS:
+            raise HarnessError(f"option_overrides.{group}: not a config group (use one of {list(GROUPS)})")
+        choice = (choices or {}).get(str(group))
+        if per_option and choice in per_option and per_option[choice]:
+            out[str(group)] = OmegaConf.to_container(per_option[choice], resolve=True)
+    return out
+
+
+def apply_option_overrides(cfg: DictConfig, choices: Mapping[str, str] | None) -> list[str]:
+    """Merge the ``option_overrides`` of the chosen options into ``cfg`` (an experiment's settings for one
+    option, e.g. fewer IMPRESS steps on CPU, that must not touch the other options of a sweep). Returns them
+    as ``group.key=value`` strings, for the labels."""
+    applied = []
+    for group, values in _option_overrides(cfg, choices).items():
+        if cfg.get(group) is None:
+            continue
+        with open_dict(cfg):
+            cfg[group] = OmegaConf.merge(cfg[group], values)
+        applied += [f"{group}.{k}={v!r}" if isinstance(v, str) else f"{group}.{k}={v}" for k, v in values.items()]
+    return applied
+
+
 def _labels(cfg: DictConfig, choices: Mapping[str, str] | None, overrides: Sequence[str]) -> dict[str, str]:
-    """Readable names for the table: the config choice plus any option overridden on the command line."""
+    """Readable names for the table: the config choice plus any option overridden on the command line or by
+    the experiment's ``option_overrides``."""
     labels = {}
+    overrides = [*overrides, *(f"{g}.{k}={v}" for g, kv in _option_overrides(cfg, choices).items() for k, v in kv.items())]
     for group in GROUPS:
         node = cfg.get(group)
         base = (choices or {}).get(group)
         if base is None:
             base = "none" if node is None else str(node.get("_target_", group)).rsplit(".", 1)[-1]
-        extra = [o.split(".", 1)[1] for o in overrides if o.startswith(f"{group}.") and "=" in o]
+        extra = list(dict.fromkeys(o.split(".", 1)[1] for o in overrides if o.startswith(f"{group}.") and "=" in o))
         labels[group] = f"{base}[{','.join(extra)}]" if extra else str(base)
     return labels
 
@@ -166,8 +196,9 @@ def run_from_config(
     device = resolve_device(str(rt.device))
     if int(rt.batch_size) < 1:
         raise ConfigError(f"runtime.batch_size must be >= 1, got {rt.batch_size}")
-    exp = build_experiment(cfg)
     labels = _labels(cfg, choices, overrides)
+    apply_option_overrides(cfg, choices)
+    exp = build_experiment(cfg)
     log.info(
         "experiment: dataset=%s model=%s defense=%s purifier=%s mimic=%s seed=%d (device %s)",
         labels["dataset"],

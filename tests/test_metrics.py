@@ -7,7 +7,7 @@ from scipy import linalg
 
 from harness.metrics import FSIM, VIFp
 from harness.metrics.clip import ClipImageSimilarity, ClipPromptSimilarity
-from harness.metrics.distribution import FID, KID, extract_features
+from harness.metrics.distribution import FID, KID, Precision, extract_features
 from harness.protocols import ConfigError
 from harness.types import ImageSet
 from harness.world import ProceduralArt
@@ -40,6 +40,22 @@ def test_fid_matches_a_hand_computation_and_is_zero_for_identical_sets():
     assert KID().value(y_ids, x) > 10 * abs(KID().value(x, x))
     with pytest.raises(ConfigError, match="weights"):
         FID(features="inception").value(x, x)
+
+
+def test_precision_matches_a_hand_computation_of_the_k_nn_balls():
+    x, y = _art("cyanora", 10), _art("impastel", 10)
+    mixed = ImageSet(torch.cat([x.images[:5], y.images[:5]]), x.ids, x.captions)
+    fr, fo = extract_features(x.images).double(), extract_features(mixed.images).double()
+    d_rr = torch.cdist(fr, fr)
+    radius = d_rr.sort(dim=1).values[:, 3]  # k = 3 (column 0 is the point itself)
+    by_hand = (torch.cdist(fr, fo) <= radius[:, None]).any(dim=0).double().mean().item()
+    assert Precision().value(mixed, x) == pytest.approx(by_hand)
+    assert Precision().value(x, x) == 1.0
+    assert Precision().value(y, x) < 0.5  # another artist lies mostly outside cyanora's manifold
+    with pytest.raises(ConfigError, match="nearest_k"):
+        Precision(nearest_k=0)
+    with pytest.raises(ConfigError, match="reference images"):
+        Precision(nearest_k=10).value(x, x)
 
 
 def test_clip_similarities_prefer_the_right_prompt_and_artist():

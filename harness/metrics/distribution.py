@@ -9,7 +9,10 @@ depend entirely on the feature extractor:
   file the user supplies (``inception_v3_google-*.pth``); closer to, but not bit-identical with, the
   TF-Inception FID of the papers.
 
-Both are set-level: :class:`SetMetric` returns one number per run (the tables aggregate over seeds).
+``Precision`` is the improved precision of Kynkäänniemi et al. 2019 (PhotoGuard's Table 1 "PR"): the
+fraction of outputs that fall inside the k-nearest-neighbour balls of the references' features.
+
+All are set-level: :class:`SetMetric` returns one number per run (the tables aggregate over seeds).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from harness.protocols import ConfigError, SetMetric
 from harness.types import ImageSet
 
-__all__ = ["FID", "KID", "extract_features"]
+__all__ = ["FID", "KID", "Precision", "extract_features"]
 
 EXTRACTORS = ("tiny-clip", "inception")
 _INCEPTION: dict[str, torch.nn.Module] = {}
@@ -104,3 +107,34 @@ class KID(SetMetric):
         fy = extract_features(references.images, self.features, self.weights)
         n = min(len(fx), len(fy))
         return float(piq.KID(subset_size=n, n_subsets=50).compute_metric(fx, fy))
+
+
+class Precision(SetMetric):
+    """Improved precision (Kynkäänniemi et al. 2019; piq): the fraction of outputs whose features lie within
+    the distance of some reference's k-th nearest reference neighbour. 1: every output looks like a reference
+    (for an edit of a protected image, like an edit of the clean one). ``nearest_k`` 3 as in the paper; it
+    must be smaller than the number of references."""
+
+    name = "precision"
+    version = "1"
+    higher_is_better = True
+
+    def __init__(self, features: str = "tiny-clip", weights: str | None = None, nearest_k: int = 3):
+        if features not in EXTRACTORS:
+            raise ConfigError(f"metrics.precision.features must be one of {list(EXTRACTORS)}, got {features!r}")
+        if isinstance(nearest_k, bool) or not isinstance(nearest_k, int) or nearest_k < 1:
+            raise ConfigError(f"metrics.precision.nearest_k must be a positive integer, got {nearest_k!r}")
+        self.features, self.weights, self.nearest_k = features, weights, nearest_k
+
+    def value(self, outputs: ImageSet, references: ImageSet) -> float:
+        import piq
+
+        if len(references) <= self.nearest_k:
+            raise ConfigError(
+                f"metrics.precision.nearest_k={self.nearest_k} needs more than {self.nearest_k} reference images, "
+                f"got {len(references)}"
+            )
+        fx = extract_features(outputs.images, self.features, self.weights)
+        fy = extract_features(references.images, self.features, self.weights)
+        precision, _ = piq.PR(nearest_k=self.nearest_k).compute_metric(fy, fx)
+        return float(precision)
