@@ -172,7 +172,6 @@ def _grid(
     """Rows of images: clean, protected, purified, mimic output; one column group per purifier."""
     import torch
 
-
     def load(stage: str, key: str | None):
         if key is None:
             return None

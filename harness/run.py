@@ -103,7 +103,10 @@ def _labels(cfg: DictConfig, choices: Mapping[str, str] | None, overrides: Seque
     """Readable names for the table: the config choice plus any option overridden on the command line or by
     the experiment's ``option_overrides``."""
     labels = {}
-    overrides = [*overrides, *(f"{g}.{k}={v}" for g, kv in _option_overrides(cfg, choices).items() for k, v in kv.items())]
+    overrides = [
+        *overrides,
+        *(f"{g}.{k}={v}" for g, kv in _option_overrides(cfg, choices).items() for k, v in kv.items()),
+    ]
     for group in GROUPS:
         node = cfg.get(group)
         base = (choices or {}).get(group)
@@ -230,7 +233,7 @@ class RebuildTables(Callback):
         except Exception:  # the config of a failed composition
             return
         with contextlib.suppress(FileNotFoundError):
-            write_tables(results_dir)
+            write_tables(results_dir, config.runtime.get("cache_dir"))
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._rebuild(config)

@@ -5,7 +5,7 @@ Reads every row in ``<results_dir>/runs/*.json`` and writes ``<results_dir>/tabl
 images and seeds with a 95% interval from a two-level bootstrap (resample seeds, then images within each
 seed; 2000 resamples, fixed RNG, so the same rows always give the same table).
 
-    python -m harness.tables --results-dir results
+    python -m harness.tables --results-dir results      # also rebuilds results/experiments/*/
 """
 
 from __future__ import annotations
@@ -292,8 +292,9 @@ def _plain_markdown(table: pd.DataFrame, note: str) -> str:
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
-def write_tables(results_dir: str | Path) -> Path | None:
-    """Rebuild ``tables/summary.csv`` and ``tables/summary.md`` from all rows. Returns the tables folder."""
+def write_tables(results_dir: str | Path, cache_dir: str | Path | None = None) -> Path | None:
+    """Rebuild ``tables/summary.csv`` and ``tables/summary.md`` from all rows (and, for the rows of an experiment
+    with a ``report`` section, its ``report.md``; grids from ``cache_dir``). Returns the tables folder."""
     results_dir = Path(results_dir)
     rows = load_rows(results_dir)
     if not rows:
@@ -334,6 +335,9 @@ def write_tables(results_dir: str | Path) -> Path | None:
                 ),
             ),
         )
+    from harness.experiment_report import write_experiment_report
+
+    write_experiment_report(results_dir, rows, cache_dir)
     log.info("tables rebuilt from %d rows: %s", len(rows), out / "summary.md")
     return out
 
@@ -341,14 +345,22 @@ def write_tables(results_dir: str | Path) -> Path | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.tables", description=__doc__.split("\n\n")[0])
     parser.add_argument("--results-dir", default="results", help="folder holding runs/ (default: results)")
+    parser.add_argument(
+        "--cache-dir",
+        default="results/cache",
+        help="artifact cache for the experiments' image grids (default: results/cache)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not (Path(args.results_dir) / "runs").is_dir():
         print(f"error: no runs/ folder in --results-dir {args.results_dir}", file=sys.stderr)
         return 2
-    out = write_tables(args.results_dir)
+    out = write_tables(args.results_dir, args.cache_dir)
     if out is None:
         return 1
+    # the experiments that reproduce published tables keep their rows in <results-dir>/experiments/<name>/runs
+    for runs in sorted((Path(args.results_dir) / "experiments").glob("*/runs")):
+        write_tables(runs.parent, args.cache_dir)
     print((out / "summary.md").read_text())
     return 0
 

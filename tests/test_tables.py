@@ -69,3 +69,56 @@ def test_purification_table_sets_each_purifier_beside_its_distortion_on_clean_im
     assert (mist["latent dist before"], mist["latent dist after"], mist["purifier alone"]) == (10.0, 9.0, 2.0)
     assert mist["latent ratio"] == pytest.approx(0.9)
     assert list(got["purifier"]) == ["jpeg", "jpeg"]  # "none" is not a purifier row
+
+
+def _experiment_rows(layout):
+    spec = {"title": "t", "layout": layout, "baseline": "noise", "success": "mimicry/style_match"}
+    ids = tuple(f"i{k}" for k in range(8))
+    cells = {  # (defense, purifier): per-image success
+        ("none", "none"): [1] * 8,
+        ("noise", "none"): [1] * 7 + [0],
+        ("mist", "none"): [0] * 8,  # beats noise, wholly below its interval
+        ("mist", "jpeg"): [0] * 8,
+        ("mist", "upscale"): [1] * 6 + [0, 0],  # restores mimicry
+        ("glaze", "none"): [1] * 6 + [0, 0],  # does not beat noise
+        ("glaze", "jpeg"): [1] * 6 + [0, 0],
+    }
+    rows = []
+    for (d, p), v in cells.items():
+        r = _row(d, p, v, ids=ids)
+        r["config"] = {"report": spec, "runtime": {"results_dir": "results/experiments/demo"}}
+        r["created"] = "2026-01-01T00:00:00+00:00"
+        r["stage_keys"] = {}
+        rows.append(r)
+    return rows
+
+
+def test_experiment_report_matrix_and_findings_follow_the_intervals(tmp_path):
+    from harness.experiment_report import write_experiment_report
+
+    report = write_experiment_report(tmp_path, _experiment_rows("matrix"), cache_dir=None).read_text()
+    assert "experiment=demo" in report
+    lines = [line for line in report.splitlines() if line.startswith("- lora:")]
+    mist = next(line for line in lines if "lora: mist" in line)
+    glaze = next(line for line in lines if "lora: glaze" in line)
+    assert "mist beats the random-noise baseline" in mist and "best single purifier upscale" in mist
+    assert mist.endswith("a purifier restores mimicry to the noise baseline's level.")
+    assert "glaze does not beat" in glaze
+    # one matrix line per protection: clean first, then the baseline, with the best-of column last
+    matrix = [line for line in report.splitlines() if line.startswith("| mist |")]
+    assert matrix and matrix[0].split("|")[-2].strip().startswith("0.750")  # best of jpeg/none/upscale per image
+    assert (tmp_path / "report.html").is_file()
+    # the same rows give the same report, byte for byte
+    again = write_experiment_report(tmp_path, _experiment_rows("matrix"), cache_dir=None).read_text()
+    assert again == report
+
+
+def test_experiment_report_rejects_an_unknown_layout(tmp_path):
+    from harness.experiment_report import write_experiment_report
+
+    with pytest.raises(ValueError, match="report.layout"):
+        write_experiment_report(tmp_path, _experiment_rows("pie"), cache_dir=None)
+    rows = _experiment_rows("matrix")
+    for r in rows:
+        del r["config"]
+    assert write_experiment_report(tmp_path, rows, cache_dir=None) is None  # not an experiment: no report
