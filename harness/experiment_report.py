@@ -199,9 +199,9 @@ def write_experiment_report(
                 ]
                 for (d, p, m), r in sorted(by_label.items()):
                     if m == mimic and p == "none":
-                        lines += [
-                            (f"{d}", "protect", r["stage_keys"].get("protect")),
-                            (f"edit after {d}", "mimic", r["stage_keys"].get("mimic")),
+                        lines += [  # grid labels without the settings (the legend under the grid has them)
+                            (_base(d), "protect", r["stage_keys"].get("protect")),
+                            (f"edit after {_base(d)}", "mimic", r["stage_keys"].get("mimic")),
                         ]
                 out = results_dir / re.sub(r"[^A-Za-z0-9_.-]+", "-", f"grid_{mimic}.png")
                 _write_grid(store, lines, out, n_images, grids, f"{mimic} edits")
