@@ -137,7 +137,7 @@ class PhotoGuardDiffusion(Defense):
         guidance_scale: classifier-free guidance of the attacked edit (published 7.5).
         prompt: the prompt of the attacked edit ("" or None: each image's caption).
         target: "grey" (a flat 0.5 image) or "zero" (black).
-        variant: "img2img" or "inpaint" (needs an inpainting model, e.g. ``model=tiny-sd-inpaint``).
+        variant: "img2img" or "inpaint" (attacks the model's inpainting checkpoint, ``model.inpaint_source``).
         mask, mask_fraction: the inpainting mask; the perturbation stays in the kept region.
         scale_to_resolution: scale L2 eps and step from 512 px to the images' size (sqrt of pixel count).
         gradient_checkpointing: trade time for memory on the UNet and VAE (large models).

@@ -80,8 +80,9 @@ class InpaintEdit(Mimic):
     """Stable Diffusion inpainting edit of each image: the masked region is repainted from the prompt.
 
     PhotoGuard's main threat model (Salman et al. 2023, Fig. 1 and Table 1): keep the subject, regenerate the
-    rest. Needs an inpainting model (``model=tiny-sd-inpaint``, ``model=sd15-inpaint``). Clean and protected
-    images share the mask, the prompt and each image's noise.
+    rest. Runs on the model's inpainting checkpoint (``model.inpaint_source``: ``tiny-sd-inpaint`` for
+    ``model=tiny-sd``, SD 1.5 inpainting for ``model=sd15``), or on an inpainting model given directly
+    (``model=tiny-sd-inpaint``). Clean and protected images share the mask, the prompt and each image's noise.
 
     Args:
         prompt: the edit prompt (None or "": each image's caption).

@@ -250,15 +250,15 @@ def write_experiment_report(
                     s += f"; best single purifier {top['purifier']} ({_cell(top, success)})"
                 if len(best):
                     b = best.iloc[0]
-                    restored = _reaches(b, noise, success, h)
                     s += f"; attacker's best per image {_cell(b, success)}"
                     if clean is not None:
                         s += f" (clean: {_cell(clean, success)})"
-                    s += (
-                        ": a purifier restores mimicry to the noise baseline's level"
-                        if restored
-                        else ": no purifier restores mimicry to the noise baseline's level"
-                    )
+                    if works:  # a purifier can only restore what the protection took away
+                        s += (
+                            ": a purifier restores mimicry to the noise baseline's level"
+                            if _reaches(b, noise, success, h)
+                            else ": no purifier restores mimicry to the noise baseline's level"
+                        )
                 findings.append(s + ".")
                 r0 = by_label.get((d, "none", mimic))
                 c0 = next(

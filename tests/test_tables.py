@@ -103,6 +103,7 @@ def test_experiment_report_matrix_and_findings_follow_the_intervals(tmp_path):
     glaze = next(line for line in lines if "lora: glaze" in line)
     assert "mist beats the random-noise baseline" in mist and "best single purifier upscale" in mist
     assert mist.endswith("a purifier restores mimicry to the noise baseline's level.")
+    assert "restores" not in glaze  # nothing to restore when the protection does not work
     assert "glaze does not beat" in glaze
     # one matrix line per protection: clean first, then the baseline, with the best-of column last
     matrix = [line for line in report.splitlines() if line.startswith("| mist |")]
