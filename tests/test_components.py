@@ -70,6 +70,7 @@ FAST = {
     "photoguard_encoder": ["defense.steps=3"],
     "photoguard_encoder_inpaint": ["defense.steps=3"],
     "photoguard_diffusion": ["defense.steps=2", "defense.grad_repeats=1", "defense.edit_steps=2"],
+    "photoguard_diffusion_inpaint": ["defense.steps=2", "defense.grad_repeats=1", "defense.edit_steps=2"],
     "advdm": ["defense.steps=3"],
     "mist": ["defense.steps=3"],
     "sds": ["defense.steps=3"],
@@ -91,6 +92,15 @@ def _external_folder(tmp_path, clean):
         arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
         Image.fromarray(arr).save(folder / f"{i}.png")
     return folder
+
+
+def test_every_iterative_defense_has_fast_test_settings():
+    """A new defense config with published iteration counts must get FAST settings, or its contract test
+    would run the published budget (minutes to hours on CPU)."""
+    for name in options("defense"):
+        node = compose_group("defense", name)["defense"]
+        heavy = any(int(node.get(k) or 0) > 10 for k in ("steps", "rounds", "grad_repeats"))
+        assert not heavy or name in FAST, f"add defense {name!r} to FAST"
 
 
 @pytest.mark.parametrize("name", options("defense"))
