@@ -17,7 +17,6 @@ longer holds the images (a fresh checkout), the committed grid files are kept as
 
 from __future__ import annotations
 
-import html
 import logging
 import math
 import re
@@ -27,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from harness.cache import ArtifactStore, atomic_write_text, load_imageset
-from harness.tables import BEST_OF, summarize
+from harness.tables import BEST_OF, interval_beats, interval_reaches, summarize
 
 log = logging.getLogger(__name__)
 
@@ -72,20 +71,6 @@ def _base(label: str) -> str:
     return str(label).split("[", 1)[0]
 
 
-def _beats(a: pd.Series, b: pd.Series, metric: str, higher: bool) -> bool:
-    """True when ``a``'s interval lies wholly on the attacker's losing side of ``b``'s."""
-    if higher:
-        return a[f"{metric} ci_high"] < b[f"{metric} ci_low"]
-    return a[f"{metric} ci_low"] > b[f"{metric} ci_high"]
-
-
-def _reaches(a: pd.Series, b: pd.Series, metric: str, higher: bool) -> bool:
-    """True when ``a``'s interval reaches ``b``'s (the attacker is as well off as at ``b``)."""
-    if higher:
-        return a[f"{metric} ci_high"] >= b[f"{metric} ci_low"]
-    return a[f"{metric} ci_low"] <= b[f"{metric} ci_high"]
-
-
 def _grid(store: ArtifactStore, lines: list[tuple[str, str, str | None]], out: Path, n: int) -> Path | None:
     """A labelled grid with one image row per ``(label, stage, key)``; None when the cache lacks any of them."""
     import torch
@@ -115,10 +100,14 @@ def _write_grid(
 
 
 def write_experiment_report(
-    results_dir: str | Path, rows: list[dict[str, Any]], cache_dir: str | Path | None
+    results_dir: str | Path,
+    rows: list[dict[str, Any]],
+    cache_dir: str | Path | None,
+    summary: tuple[pd.DataFrame, dict[str, bool]] | None = None,
 ) -> Path | None:
     """Write ``report.md`` and ``report.html`` for an experiment's rows (see the module docstring). Returns the
-    path of report.md, or None when the rows carry no ``report`` section."""
+    path of report.md, or None when the rows carry no ``report`` section. ``summary``: :func:`summarize` of
+    the same rows, when the caller has it already."""
     spec = experiment_spec(rows)
     if spec is None:
         return None
@@ -127,7 +116,7 @@ def write_experiment_report(
         raise ValueError(f"report.layout must be one of {list(LAYOUTS)}, got {layout!r}")
     results_dir = Path(results_dir)
     store = ArtifactStore(cache_dir) if cache_dir is not None and Path(cache_dir).is_dir() else None
-    table, higher = summarize(rows)
+    table, higher = summary if summary is not None else summarize(rows)
     success = str(spec["success"])
     columns = [str(c) for c in spec.get("columns") or [success]]
     baseline = str(spec.get("baseline", "noise"))
@@ -184,7 +173,7 @@ def write_experiment_report(
                 if _base(r["defense"]) in (baseline, "none"):
                     continue
                 h = higher.get(success, True)
-                verdict = "beats" if _beats(r, z, success, h) else "does not beat"
+                verdict = "beats" if interval_beats(r, z, success, h) else "does not beat"
                 findings.append(
                     f"{mimic}: {r['defense']} {verdict} the random-noise baseline ({_short(success)} "
                     f"{_cell(r, success)} vs {_cell(z, success)})."
@@ -235,7 +224,7 @@ def write_experiment_report(
                 if _base(d) in (baseline, "none") or noise is None or not len(naive[d]):
                     continue
                 n = naive[d].iloc[0]
-                works = _beats(n, noise, success, h)
+                works = interval_beats(n, noise, success, h)
                 best = t_m[(t_m["defense"] == d) & t_m["purifier"].astype(str).str.startswith(BEST_OF)]
                 s = (
                     f"{mimic}: {d} "
@@ -256,7 +245,7 @@ def write_experiment_report(
                     if works:  # a purifier can only restore what the protection took away
                         s += (
                             ": a purifier restores mimicry to the noise baseline's level"
-                            if _reaches(b, noise, success, h)
+                            if interval_reaches(b, noise, success, h)
                             else ": no purifier restores mimicry to the noise baseline's level"
                         )
                 findings.append(s + ".")
@@ -288,11 +277,11 @@ def write_experiment_report(
     md.append("Generated from the rows; do not edit. Rebuild with `python -m harness.tables`.")
     text = "\n".join(md) + "\n"
     atomic_write_text(results_dir / "report.md", text)
-    from harness.audit import _HTML, _markdown_to_html
+    from harness.report import html_page
 
+    # the grids lie beside the report (committed with it): link them rather than embed megabytes of base64
     atomic_write_text(
-        results_dir / "report.html",
-        _HTML.format(title=html.escape(str(spec.get("title", name))), body=_markdown_to_html(text, results_dir)),
+        results_dir / "report.html", html_page(str(spec.get("title", name)), text, results_dir, embed_images=False)
     )
     log.info("experiment report: %s", results_dir / "report.md")
     return results_dir / "report.md"

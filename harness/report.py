@@ -1,14 +1,17 @@
-"""Images for reports: labelled PNG grids (the audit's report and the model cards use them)."""
+"""Pieces of the reports: labelled PNG grids (audits, experiments, model cards) and Markdown -> one HTML page."""
 
 from __future__ import annotations
 
+import base64
+import html
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["save_grid"]
+__all__ = ["save_grid", "markdown_to_html", "html_page"]
 
 
 def save_grid(
@@ -37,3 +40,61 @@ def save_grid(
             d.text((4, r * h * scale + h * scale // 2 - 5), text, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
+
+
+def _png_data(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>
+body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
+table{{border-collapse:collapse;margin:1em 0;font-size:0.9em}}td,th{{border:1px solid #ccc;padding:3px 8px}}
+th{{background:#f3f3f3}}img{{image-rendering:pixelated;max-width:100%;border:1px solid #ddd}}code{{background:#f5f5f5}}
+</style></head><body>{body}</body></html>
+"""
+
+
+def markdown_to_html(md: str, folder: Path, embed_images: bool = True) -> str:
+    """The reports' small Markdown subset (headings, bullets, tables, images, bold, code) as HTML. Images that
+    exist in ``folder`` are embedded (the file opens offline on its own) or, with ``embed_images=False``, linked
+    by their relative path (for reports whose folder ships the PNGs beside them)."""
+
+    def inline(t: str) -> str:
+        t = html.escape(t)
+        t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+        return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+
+    out, table = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):
+                table.append(cells)
+            continue
+        if table:
+            head, *body = table
+            out.append(
+                "<table><tr>"
+                + "".join(f"<th>{inline(c)}</th>" for c in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in body)
+                + "</table>"
+            )
+            table = []
+        m = re.match(r"!\[(.*?)\]\((.*?)\)", line)
+        if m and (folder / m.group(2)).is_file():
+            src = _png_data(folder / m.group(2)) if embed_images else html.escape(m.group(2))
+            out.append(f'<p><img alt="{html.escape(m.group(1))}" src="{src}"></p>')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("- "):
+            out.append(f"<ul><li>{inline(line[2:])}</li></ul>")
+        elif line.strip():
+            out.append(f"<p>{inline(line.rstrip())}</p>")
+    return "\n".join(out)
+
+
+def html_page(title: str, md: str, folder: Path, embed_images: bool = True) -> str:
+    """A whole HTML page for the Markdown report ``md`` whose images lie in ``folder``."""
+    return _PAGE.format(title=html.escape(title), body=markdown_to_html(md, folder, embed_images))

@@ -95,18 +95,15 @@ def apply_option_overrides(cfg: DictConfig, choices: Mapping[str, str] | None) -
             continue
         with open_dict(cfg):
             cfg[group] = OmegaConf.merge(cfg[group], values)
-        applied += [f"{group}.{k}={v!r}" if isinstance(v, str) else f"{group}.{k}={v}" for k, v in values.items()]
+        applied += [f"{group}.{k}={v}" for k, v in values.items()]
     return applied
 
 
 def _labels(cfg: DictConfig, choices: Mapping[str, str] | None, overrides: Sequence[str]) -> dict[str, str]:
     """Readable names for the table: the config choice plus any option overridden on the command line or by
-    the experiment's ``option_overrides``."""
+    the experiment's ``option_overrides`` (pass what :func:`apply_option_overrides` returned among
+    ``overrides``)."""
     labels = {}
-    overrides = [
-        *overrides,
-        *(f"{g}.{k}={v}" for g, kv in _option_overrides(cfg, choices).items() for k, v in kv.items()),
-    ]
     for group in GROUPS:
         node = cfg.get(group)
         base = (choices or {}).get(group)
@@ -199,8 +196,8 @@ def run_from_config(
     device = resolve_device(str(rt.device))
     if int(rt.batch_size) < 1:
         raise ConfigError(f"runtime.batch_size must be >= 1, got {rt.batch_size}")
-    labels = _labels(cfg, choices, overrides)
-    apply_option_overrides(cfg, choices)
+    applied = apply_option_overrides(cfg, choices)
+    labels = _labels(cfg, choices, [*overrides, *applied])
     exp = build_experiment(cfg)
     log.info(
         "experiment: dataset=%s model=%s defense=%s purifier=%s mimic=%s seed=%d (device %s)",

@@ -24,7 +24,16 @@ import pandas as pd
 
 from harness.cache import atomic_write_text
 
-__all__ = ["load_rows", "summarize", "bootstrap_ci", "defense_objectives", "write_tables", "GROUP_COLUMNS"]
+__all__ = [
+    "load_rows",
+    "summarize",
+    "bootstrap_ci",
+    "defense_objectives",
+    "interval_beats",
+    "interval_reaches",
+    "write_tables",
+    "GROUP_COLUMNS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +116,22 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, dict[str, bool]
 
 
 BEST_OF = "best-of"
+
+
+def interval_beats(a: Any, b: Any, metric: str, higher: bool) -> bool:
+    """True when row ``a``'s interval of ``metric`` lies wholly on the attacker's losing side of row ``b``'s
+    (``higher``: higher is better for the attacker). The rule by which a protection beats a baseline."""
+    if higher:
+        return bool(a[f"{metric} ci_high"] < b[f"{metric} ci_low"])
+    return bool(a[f"{metric} ci_low"] > b[f"{metric} ci_high"])
+
+
+def interval_reaches(a: Any, b: Any, metric: str, higher: bool) -> bool:
+    """True when row ``a``'s interval of ``metric`` reaches row ``b``'s from below (the attacker is as well off
+    as at ``b``): the rule by which a purifier restores what a protection took away."""
+    if higher:
+        return bool(a[f"{metric} ci_high"] >= b[f"{metric} ci_low"])
+    return bool(a[f"{metric} ci_low"] <= b[f"{metric} ci_high"])
 
 
 def _best_of_records(
@@ -337,7 +362,7 @@ def write_tables(results_dir: str | Path, cache_dir: str | Path | None = None) -
         )
     from harness.experiment_report import write_experiment_report
 
-    write_experiment_report(results_dir, rows, cache_dir)
+    write_experiment_report(results_dir, rows, cache_dir, summary=(table, higher))
     log.info("tables rebuilt from %d rows: %s", len(rows), out / "summary.md")
     return out
 

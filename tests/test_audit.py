@@ -18,14 +18,13 @@ FAST = [
 ]
 
 
+def audit_args(tmp_path, *options):
+    """``options`` plus the run's own results and cache folders under ``tmp_path``."""
+    return [*options, f"runtime.results_dir={tmp_path / 'R'}", f"runtime.cache_dir={tmp_path / 'C'}"]
+
+
 def test_audit_writes_a_report_with_verdict_tables_and_grids(tmp_path, capsys):
-    args = [
-        "defense=photoguard_encoder",
-        "defense.steps=2",
-        *FAST,
-        f"runtime.results_dir={tmp_path / 'R'}",
-        f"runtime.cache_dir={tmp_path / 'C'}",
-    ]
+    args = audit_args(tmp_path, "defense=photoguard_encoder", "defense.steps=2", *FAST)
     assert main(args) == 0
     folder = tmp_path / "R" / "audits" / "photoguard_encoder-steps-2"
     report = (folder / "report.md").read_text()
@@ -53,15 +52,14 @@ def test_audit_errors_name_the_problem(tmp_path, capsys):
 
 
 def test_budget_sweep_draws_success_against_budget(tmp_path):
-    args = [
+    args = audit_args(
+        tmp_path,
         "defense=photoguard_encoder",
         "defense.steps=2",
         *FAST,
         "audit.purifiers=[none]",
         "audit.budgets=[0.01,0.03,0.05]",
-        f"runtime.results_dir={tmp_path / 'R'}",
-        f"runtime.cache_dir={tmp_path / 'C'}",
-    ]
+    )
     assert main(args) == 0
     folder = tmp_path / "R" / "audits" / "photoguard_encoder-steps-2"
     assert (folder / "budget_editing.png").stat().st_size > 1000
@@ -72,7 +70,8 @@ def test_budget_sweep_draws_success_against_budget(tmp_path):
 
 
 def test_mimicry_audit_runs_finetunes_and_skips_editing(tmp_path):
-    args = [
+    args = audit_args(
+        tmp_path,
         "defense=mist",
         "defense.steps=2",
         "audit.threat_models.mimicry.model=tiny-random",
@@ -80,9 +79,7 @@ def test_mimicry_audit_runs_finetunes_and_skips_editing(tmp_path):
         "audit.purifiers=[none,jpeg]",
         "audit.grid_images=2",
         "runtime.progress=false",
-        f"runtime.results_dir={tmp_path / 'R'}",
-        f"runtime.cache_dir={tmp_path / 'C'}",
-    ]
+    )
     assert main(args) == 0
     folder = tmp_path / "R" / "audits" / "mist-steps-2"
     report = (folder / "report.md").read_text()

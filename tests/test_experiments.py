@@ -46,8 +46,7 @@ def test_every_cell_of_the_published_experiments_builds(name):
         choices = dict(cfg.hydra.runtime.choices)
         with open_dict(cfg):
             del cfg["hydra"]
-        labels = _labels(cfg, choices, cell)
-        apply_option_overrides(cfg, choices)
+        labels = _labels(cfg, choices, [*cell, *apply_option_overrides(cfg, choices)])
         exp = build_experiment(cfg)  # every component's constructor validates its options
         assert exp.model.inpaint_source  # the inpainting cells use the family's inpainting checkpoint
         seen_labels.add((labels["defense"], labels["purifier"], labels["mimic"]))
@@ -64,8 +63,7 @@ def test_option_overrides_touch_only_the_option_they_name():
         choices = dict(cfg.hydra.runtime.choices)
         with open_dict(cfg):
             del cfg["hydra"]
-        labels = _labels(cfg, choices, [])
-        apply_option_overrides(cfg, choices)
+        labels = _labels(cfg, choices, apply_option_overrides(cfg, choices))
         return cfg, labels
 
     cfg, labels = build("impress")
