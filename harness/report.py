@@ -38,8 +38,13 @@ def save_grid(
         d = ImageDraw.Draw(grid)
         for r, text in enumerate(labels):
             d.text((4, r * h * scale + h * scale // 2 - 5), text, fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    import io
+
+    from harness.cache import atomic_write_bytes
+
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())  # a report never points at half a PNG
 
 
 def _png_data(path: Path) -> str:
