@@ -12,6 +12,9 @@ from typing import Any
 
 ZOO = Path(__file__).resolve().parent
 
+#: the embedded world's target for the VAE: mean PSNR on fresh images of the held-out artists.
+VAE_HELD_OUT_TARGET_DB = 25.0
+
 _ABOUT = {
     "tiny-clip": (
         "A small image-text model trained contrastively on the embedded world (all 13 procedural artists, held-out "
@@ -121,6 +124,20 @@ def card(model: str) -> str:
                 f"LoRA positive control (16 images, style accuracy >= 60% after finetuning): passes for "
                 f"{', '.join(passed) or 'none'}; fails for {', '.join(failed) or 'none'}. Mimicry results "
                 "for an artist whose positive control fails say nothing about a protection.",
+                "",
+            ]
+        held_out = figures.get("evaluation", {}).get("vae_reconstruction", {}).get("held_out_artists", {})
+        if "psnr_db_mean" in held_out:
+            verdict = "met" if held_out["psnr_db_mean"] >= VAE_HELD_OUT_TARGET_DB else "NOT met"
+            per_artist = held_out.get("psnr_db_mean_per_artist", {})
+            worst = (
+                f"; worst artist {min(per_artist, key=per_artist.get)} at {min(per_artist.values())} dB"
+                if per_artist
+                else ""
+            )
+            lines += [
+                f"VAE reconstruction of held-out artists: {held_out['psnr_db_mean']} dB mean PSNR (target "
+                f">= {VAE_HELD_OUT_TARGET_DB:g} dB: {verdict}{worst}).",
                 "",
             ]
         rows: list[tuple[str, Any]] = []

@@ -115,13 +115,15 @@ def evaluate_clip(clip: ClipModel, per_pair: int = 5) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate_vae(vae: Any, per_pair: int = 2) -> dict[str, Any]:
     """Reconstruction PSNR (encode to the posterior mean, decode) on fresh images, by group."""
-    groups = {
-        "train_artists": eval_art(TRAIN_ARTISTS, per_pair)[0].images,
-        "held_out_artists": eval_art(HELD_OUT_ARTISTS, per_pair)[0].images,
-        "photos": WorldPhotos(crops_per_photo=4, split="eval").load().images,
+    train, train_who, _ = eval_art(TRAIN_ARTISTS, per_pair)
+    held, held_who, _ = eval_art(HELD_OUT_ARTISTS, per_pair)
+    groups: dict[str, tuple[torch.Tensor, list[str] | None]] = {
+        "train_artists": (train.images, train_who),
+        "held_out_artists": (held.images, held_who),
+        "photos": (WorldPhotos(crops_per_photo=4, split="eval").load().images, None),
     }
     out: dict[str, Any] = {}
-    for name, x in groups.items():
+    for name, (x, who) in groups.items():
         rec = []
         for i in range(0, x.shape[0], 64):
             xb = x[i : i + 64].to(vae.device, vae.dtype) * 2 - 1
@@ -132,6 +134,10 @@ def evaluate_vae(vae: Any, per_pair: int = 2) -> dict[str, Any]:
             "psnr_db_min": round(float(psnr.min()), 2),
             "images": int(x.shape[0]),
         }
+        if who is not None:  # which artists pull the mean down
+            out[name]["psnr_db_mean_per_artist"] = {
+                a: round(float(psnr[[w == a for w in who]].mean()), 2) for a in dict.fromkeys(who)
+            }
     return out
 
 
