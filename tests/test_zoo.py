@@ -52,6 +52,20 @@ def test_model_cards_carry_training_record_and_measured_figures(model):
     assert "## Measured quality" in card and "## Training" in card
     for record in training:
         assert f"| steps | {record['steps']} |" in card
+    # the card is the one cards.card() writes from these files (never edited by hand)
+    from harness.zoo.cards import card as write_card
+
+    assert card == write_card(model)
+
+
+def test_model_card_states_the_vae_target_verdict():
+    from harness.zoo.cards import VAE_HELD_OUT_TARGET_DB
+
+    card = (ZOO / "tiny-sd" / "README.md").read_text()
+    held = json.loads((ZOO / "tiny-sd" / "figures.json").read_text())["evaluation"]["vae_reconstruction"]
+    held = held["held_out_artists"]
+    verdict = "met" if held["psnr_db_mean"] >= VAE_HELD_OUT_TARGET_DB else "NOT met"
+    assert f"{held['psnr_db_mean']} dB mean PSNR (target >= 25 dB: {verdict}" in card
 
 
 def test_shipped_spec_hashes_the_weights():
