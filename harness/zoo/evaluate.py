@@ -84,11 +84,17 @@ def eval_art(artists: Sequence[str], per_pair: int, seed: int = 0) -> tuple[Imag
     return art, who, what
 
 
+def _mean_per_artist(values: Sequence[float], labels: Sequence[str], digits: int) -> dict[str, float]:
+    """Mean of ``values`` per label, labels in order of first appearance."""
+    out: dict[str, list[float]] = {}
+    for v, t in zip(values, labels, strict=True):
+        out.setdefault(t, []).append(v)
+    return {a: round(float(np.mean(v)), digits) for a, v in out.items()}
+
+
 def _per_artist(pred: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
-    out: dict[str, list[bool]] = {}
-    for p, t in zip(pred, labels, strict=False):
-        out.setdefault(t, []).append(p == t)
-    return {a: round(float(np.mean(v)), 4) for a, v in out.items()}
+    """Style accuracy per true artist."""
+    return _mean_per_artist([p == t for p, t in zip(pred, labels, strict=False)], labels, 4)
 
 
 def evaluate_clip(clip: ClipModel, per_pair: int = 5) -> dict[str, Any]:
@@ -135,9 +141,7 @@ def evaluate_vae(vae: Any, per_pair: int = 2) -> dict[str, Any]:
             "images": int(x.shape[0]),
         }
         if who is not None:  # which artists pull the mean down
-            out[name]["psnr_db_mean_per_artist"] = {
-                a: round(float(psnr[[w == a for w in who]].mean()), 2) for a in dict.fromkeys(who)
-            }
+            out[name]["psnr_db_mean_per_artist"] = _mean_per_artist(psnr.tolist(), who, 2)
     return out
 
 
