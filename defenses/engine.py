@@ -366,6 +366,8 @@ def objective_report(
     }
     info: dict[str, Any] = {f"{name}_{k}": float(v.mean()) for k, v in values.items()}
     info[f"{name}_direction"] = 1.0 if settings.maximize else -1.0  # +1: the defense raises the objective
+    # per image (in the order of ``ids``): the tables give the protection-vs-noise difference a paired interval
+    info[f"{name}_per_image"] = {k: [float(x) for x in v.flatten().tolist()] for k, v in values.items()}
     return info
 
 
