@@ -30,6 +30,7 @@ from harness.protocols import ConfigError, Metric
 from harness.types import ImageSet
 
 __all__ = [
+    "ArtistProbability",
     "ClipImageSimilarity",
     "ClipPromptSimilarity",
     "ClipModel",
@@ -201,6 +202,13 @@ class ZeroShotClassifier:
         """Cosine similarities (N, classes)."""
         return self.clip.encode_images(images) @ self.text_features.T
 
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (N, classes): softmax of the cosine similarities times the model's logit scale
+        (CLIP's learned temperature; 100 when the model has none)."""
+        scale = getattr(self.clip.model, "logit_scale", None)
+        scale = float(scale.exp()) if isinstance(scale, torch.Tensor) else 100.0
+        return torch.softmax(self.logits(images).double() * scale, dim=1)
+
     def predict(self, images: torch.Tensor) -> list[str]:
         return [self.classes[i] for i in self.logits(images).argmax(1).tolist()]
 
@@ -224,13 +232,9 @@ def style_classifier(clip: ClipModel, artists: Sequence[str] | None = None) -> Z
     return ZeroShotClassifier(clip, prompts)
 
 
-class StyleMatch(Metric):
-    """1 when a generated image is classified into the same style as its reference image, else 0.
-
-    Zero-shot style classification with an image-text model over a list of styles (the embedded world's
-    artists by default). The reference's style is the classifier's prediction on the artist's clean image,
-    so the metric needs no labels; with tiny-clip that prediction is right for 99% of clean artworks.
-    Higher means the mimic reproduced the style (the attacker succeeded).
+class _StyleJudge(Metric):
+    """The judge shared by :class:`StyleMatch` and :class:`ArtistProbability`: a zero-shot style classifier
+    with an image-text model, and the reference's style as the classifier's prediction on the reference.
 
     Args:
         clip: ``"tiny-clip"`` or another source accepted by :func:`load_clip`.
@@ -239,10 +243,6 @@ class StyleMatch(Metric):
         prompt_template: prompt per style when ``styles`` are given ("{style}" is replaced); the world's
             artists use the world's caption templates as an ensemble.
     """
-
-    name = "style_match"
-    version = "1"
-    higher_is_better = True
 
     def __init__(
         self,
@@ -267,10 +267,47 @@ class StyleMatch(Metric):
                 self._clf = ZeroShotClassifier(model, {s: [self.prompt_template.format(style=s)] for s in self.styles})
         return self._clf
 
+    def true_styles(self, references: ImageSet) -> torch.Tensor:
+        """Index (N,) of each reference's style: the classifier's prediction on the reference image."""
+        return self.classifier().logits(references.images).argmax(1)
+
+
+class StyleMatch(_StyleJudge):
+    """1 when a generated image is classified into the same style as its reference image, else 0.
+
+    Zero-shot style classification with an image-text model over a list of styles (the embedded world's
+    artists by default). The reference's style is the classifier's prediction on the artist's clean image,
+    so the metric needs no labels; with tiny-clip that prediction is right for 99% of clean artworks.
+    Higher means the mimic reproduced the style (the attacker succeeded). Options: see :class:`_StyleJudge`.
+    """
+
+    name = "style_match"
+    version = "1"
+    higher_is_better = True
+    binary = True  # yes/no: tables and verdicts give it Jeffreys-smoothed intervals
+
     def per_image(self, outputs: ImageSet, references: ImageSet) -> torch.Tensor:
-        clf = self.classifier()
-        got, want = clf.predict(outputs.images), clf.predict(references.images)
-        return torch.tensor([float(a == b) for a, b in zip(got, want, strict=True)], dtype=torch.float64)
+        got = self.classifier().logits(outputs.images).argmax(1)
+        return (got == self.true_styles(references)).to(torch.float64)
+
+
+class ArtistProbability(_StyleJudge):
+    """The judge's probability for the true artist: the zero-shot classifier's softmax probability (logits:
+    cosine similarities times the model's own logit scale) of each generated image for the style the
+    classifier assigns to its reference image (as :class:`StyleMatch` finds it). A continuous companion of
+    the yes/no style match: in [0, 1], the probabilities over the styles sum to 1, and style match is 1
+    exactly when this style has the largest probability. Higher: closer to the artist (the attacker
+    succeeded). Meaningful only for the judge's styles (the embedded world's artists by default).
+    Options: see :class:`_StyleJudge`.
+    """
+
+    name = "artist_probability"
+    version = "1"
+    higher_is_better = True
+
+    def per_image(self, outputs: ImageSet, references: ImageSet) -> torch.Tensor:
+        probs = self.classifier().probabilities(outputs.images)
+        return probs.gather(1, self.true_styles(references)[:, None]).squeeze(1).double()
 
 
 class ClipPromptSimilarity(Metric):
