@@ -21,6 +21,11 @@ __all__ = [
     "encode_mean",
     "encode_sample",
     "decode",
+    "vae_scale_factor",
+    "inpaint_mask_condition",
+    "masked_image",
+    "masked_image_latents",
+    "inpaint_mask_latent",
     "text_embeddings",
     "noise_target",
     "denoising_loss",
@@ -52,6 +57,82 @@ def decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """Decode scaled latents to images in [0, 1] (not clipped, so gradients flow everywhere)."""
     x = vae.decode(latents / vae.config.scaling_factor).sample
     return (x.float() + 1) / 2
+
+
+# ------------------------------------------------------------------------------ inpainting conditioning
+# What diffusers' StableDiffusionInpaintPipeline (0.42) feeds a 9-channel UNet besides the noisy latents, for
+# ``image`` (N, 3, H, W) in [0, 1] and ``mask_image`` (N, 1, H, W), H and W multiples of the VAE's scale factor:
+#   init_image     = image_processor.preprocess(image)               -> 2 * image - 1, in [-1, 1]
+#   mask_condition = mask_processor.preprocess(mask_image)           -> resized (nearest) to H x W, then
+#                                                                       binarised: 1 where >= 0.5, else 0
+#   masked_image   = init_image * (mask_condition < 0.5)             -> the repainted region filled with 0 in
+#                                                                       [-1, 1] units (grey 0.5 in [0, 1])
+#   mask           = interpolate(mask_condition, (H/f, W/f))         -> nearest, f = vae_scale_factor
+#   masked_image_latents = vae.encode(masked_image).latent_dist.sample(generator) * scaling_factor
+#   unet input     = cat([noisy latents, mask, masked_image_latents], dim=1)   (each doubled for CFG)
+# The functions below compute the same tensors, differentiably in the image; tests/test_inpaint_conditioning.py
+# checks them against the pipeline's own.
+
+
+def vae_scale_factor(vae: Any) -> int:
+    """The VAE's downsampling factor, computed as the diffusers pipelines compute ``vae_scale_factor``."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def inpaint_mask_condition(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inpainting pipeline's binarised mask at image size (its ``mask_condition``), (B, 1, H, W) float.
+
+    As ``mask_processor.preprocess``: resized to ``height`` x ``width`` (nearest) when it is another size,
+    then 1 where the mask is >= 0.5 (repainted) and 0 elsewhere (kept).
+    """
+    m = mask.float()
+    if m.shape[-2:] != (height, width):
+        m = F.interpolate(m, size=(height, width))
+    return (m >= 0.5).float()
+
+
+def masked_image(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The inpainting pipeline's ``masked_image`` in [-1, 1] units: ``(2 x - 1) * (mask_condition < 0.5)``.
+
+    The repainted region holds 0 in [-1, 1] units (grey 0.5 in [0, 1]), not black. ``mask``: (B or 1, 1, H, W),
+    1 = repainted (binarised as the pipeline does).
+    """
+    cond = inpaint_mask_condition(mask, *images.shape[-2:]).to(images.device)
+    return (images * 2 - 1) * (cond < 0.5).to(images.dtype)
+
+
+def masked_image_latents(
+    vae: Any, images: torch.Tensor, mask: torch.Tensor, draws: Draws | None = None
+) -> torch.Tensor:
+    """The inpainting pipeline's ``masked_image_latents`` (what a 9-channel UNet sees in channels 5..8).
+
+    Args:
+        vae: the pipeline's VAE.
+        images: (B, 3, H, W) in [0, 1]; H and W multiples of the VAE's scale factor (the pipeline refuses
+            other sizes).
+        mask: (B or 1, 1, H, W), 1 = repainted.
+        draws: the encoder's noise: the pipeline draws a posterior sample, ``mean + std * eps`` with ``eps``
+            from each image's generator; here ``eps`` comes from ``draws`` (reparameterised, so differentiable).
+            None: the posterior mean (the sample's expectation).
+
+    Returns:
+        (B, C, H / f, W / f) latents times the VAE's scaling factor, differentiable in ``images``.
+    """
+    f = vae_scale_factor(vae)
+    h, w = images.shape[-2:]
+    if h % f or w % f:
+        raise ConfigError(f"inpainting needs image sides divisible by {f} (the VAE's scale factor), got {h}x{w}")
+    post = vae.encode(masked_image(images, mask).to(_vae_dtype(vae))).latent_dist
+    z = post.mean
+    if draws is not None:
+        z = z + post.std * draws.randn(*z.shape[1:]).to(z.dtype)
+    return z * vae.config.scaling_factor
+
+
+def inpaint_mask_latent(vae: Any, mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inpainting pipeline's mask channel: the binarised mask resized (nearest) to the latent size."""
+    f = vae_scale_factor(vae)
+    return F.interpolate(inpaint_mask_condition(mask, height, width), size=(height // f, width // f))
 
 
 def text_embeddings(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
@@ -131,6 +212,13 @@ def edit_through_pipeline(
     The path PhotoGuard's diffusion attack differentiates: VAE encode, noise to ``strength`` of the schedule,
     ``steps`` deterministic DDIM steps with classifier-free guidance, VAE decode.
 
+    For a 9-channel (inpainting) UNet the input is built as ``StableDiffusionInpaintPipeline`` builds it:
+    ``cat([z_t, mask, masked_image_latents])`` with the pipeline's binarised mask at latent size and the
+    latents of its masked image (:func:`masked_image_latents`: the repainted region filled with 0 in [-1, 1]
+    units, a posterior sample times the scaling factor). At strength 1 the pipeline starts from pure noise and
+    never encodes the whole image, and so does this edit; the randomness is drawn in the pipeline's order
+    (image latents when strength < 1, then the initial noise, then the masked image's posterior sample).
+
     Args:
         images: (B, 3, H, W) in [0, 1].
         cond, uncond: prompt and empty-prompt embeddings (B, L, D).
@@ -145,18 +233,24 @@ def edit_through_pipeline(
     unet = pipe.unet
     n = sched.config.num_train_timesteps
     alphas = sched.alphas_cumprod.to(images.device)
-    z0 = encode_sample(pipe.vae, images, draws)
+    inpaint = unet.config.in_channels == 9
+    if inpaint and mask is None:
+        raise ConfigError("an inpainting model needs a mask for the diffusion attack (defense.mask)")
+    h, w = images.shape[-2:]
+    f = vae_scale_factor(pipe.vae)
     t_start = max(1, min(n - 1, int(round(strength * n)) - 1))
     ts = torch.linspace(t_start, 0, steps + 1).round().long().tolist()
-    noise = draws.randn(*z0.shape[1:]).to(z0.dtype)
-    a = alphas[ts[0]]
-    z = a.sqrt() * z0 + (1 - a).sqrt() * noise
-    inpaint = unet.config.in_channels == 9
+    from_noise = inpaint and strength >= 1.0  # the inpainting pipeline's ``is_strength_max``
+    z0 = None if from_noise else encode_sample(pipe.vae, images, draws)
+    noise = draws.randn(pipe.vae.config.latent_channels, h // f, w // f).to(_vae_dtype(pipe.vae))
+    if z0 is None:
+        z = noise
+    else:
+        a = alphas[ts[0]]
+        z = a.sqrt() * z0 + (1 - a).sqrt() * noise
     if inpaint:
-        if mask is None:
-            raise ConfigError("an inpainting model needs a mask for the diffusion attack (defense.mask)")
-        small = F.interpolate(mask.float(), size=z0.shape[-2:], mode="nearest")
-        masked = encode_sample(pipe.vae, images * (1 - mask), draws)
+        small = inpaint_mask_latent(pipe.vae, mask, h, w).to(images.device)
+        masked = masked_image_latents(pipe.vae, images, mask, draws)
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]
         zin = torch.cat([z, z])

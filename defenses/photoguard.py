@@ -6,13 +6,17 @@ Two immunizations against diffusion editing:
   latent, ``min_d || E(x + d) - z_target ||_2``, with ``z_target`` the latent of a grey image (or zeros). The
   reference notebook uses eps 0.06 and step 0.02 in [-1, 1] units (0.03 and 0.01 in [0, 1]) for img2img,
   step 0.01 (0.005) for inpainting, 1000 iterations with the step decaying linearly to 1/100, random start.
-  For inpainting the perturbation lives only where the edit keeps the image (the inpainting pipeline encodes
-  the kept region), and the attacked encoding is that of the masked image.
+  For inpainting the perturbation lives only where the edit keeps the image, and the attacked encoding is
+  exactly the conditioning the inpainting pipeline computes (:func:`defenses.latent.masked_image_latents`):
+  the masked image ``(2 x - 1) * (mask < 0.5)`` in [-1, 1] units (the repainted region filled with grey, not
+  black), encoded to a posterior sample times the VAE's scaling factor, for the mask the edit uses.
 - **Diffusion attack** (Sec. 4.2, Eq. 2): PGD through the whole editing pipeline (VAE encode, a few
   denoising steps with classifier-free guidance, VAE decode) so the edit's output moves to a target image,
   with the gradient averaged over several noise draws. Published: L2 eps 16 and step 1 in [-1, 1] units at
   512 px, 200 iterations, 10 gradient repeats, 4 denoising steps. L2 budgets scale with the square root of
-  the pixel count; in [0, 1] units at 64 px that is eps 16/2*64/512 = 1.0 and step 0.0625.
+  the pixel count; in [0, 1] units at 64 px that is eps 16/2*64/512 = 1.0 and step 0.0625. Against an
+  inpainting model the differentiated edit feeds the UNet the pipeline's own 9-channel input (noisy latents,
+  binarised mask at latent size, masked-image latents as above) and starts from pure noise at strength 1.
 
 Both report the objective (latent distance, or output distance to the target) on the clean images, on
 uniform noise of the same budget and on the protected images.
@@ -25,7 +29,14 @@ import math
 import torch
 
 from defenses.engine import PGDSettings, check_norm, frozen, optimise_and_report
-from defenses.latent import edit_through_pipeline, encode_mean, gradient_checkpointing, text_embeddings
+from defenses.latent import (
+    edit_through_pipeline,
+    encode_mean,
+    gradient_checkpointing,
+    inpaint_mask_condition,
+    masked_image_latents,
+    text_embeddings,
+)
 from harness.masks import edit_mask
 from harness.protocols import ConfigError, Context, Defense, DefenseOutput, check_int, check_range
 from harness.types import ImageSet
@@ -46,16 +57,22 @@ class PhotoGuardEncoder(Defense):
         schedule: "linear" (published: decays to ``final_step_fraction``), "constant" or "cosine".
         final_step_fraction: last step relative to the first (published 1/100).
         target: "grey" (latent of a flat 0.5 image) or "zero" (the zero latent).
-        variant: "img2img" (perturb everywhere) or "inpaint" (perturb only the kept region; attack the
-            encoding of the masked image, as the inpainting pipeline sees it).
-        mask, mask_fraction: the inpainting mask (see :func:`harness.masks.edit_mask`).
+        variant: "img2img" (perturb everywhere; attack the VAE's latent mean, unscaled, as published) or
+            "inpaint" (perturb only the kept region; attack the inpainting pipeline's masked-image latents:
+            ``vae.encode((2 x - 1) * (mask < 0.5))``, a posterior sample drawn afresh each step, times the
+            scaling factor, exactly the UNet's conditioning channels; see
+            :func:`defenses.latent.masked_image_latents`). The inpaint variant's ``latent_distance`` is in
+            those scaled units.
+        mask, mask_fraction: the inpainting mask (see :func:`harness.masks.edit_mask`); keep them equal to the
+            edit's ``mimic.mask`` / ``mimic.mask_fraction`` (same defaults: "border", 0.5).
         random_start: start from uniform noise in the budget.
 
-    Shape: (N, 3, H, W) in [0, 1] in and out. Uses the experiment's model (its VAE).
+    Shape: (N, 3, H, W) in [0, 1] in and out. Uses the experiment's model (its VAE; for the inpaint variant
+    the inpainting checkpoint's).
     """
 
     name = "photoguard_encoder"
-    version = "1"
+    version = "1"  # the inpaint variant's instances: "2" (it attacks the pipeline's masked-image latents)
     uses_model = True
     threat_models = ("editing",)
 
@@ -87,6 +104,8 @@ class PhotoGuardEncoder(Defense):
             eval_samples=1,
         )
         self.target, self.variant = target, variant
+        if variant == "inpaint":  # the img2img variant's outputs did not change: its cached artifacts stay valid
+            self.version = "2"
         edit_mask(mask, 8, 8, mask_fraction, option="defense.mask")  # validate now
         self.mask, self.mask_fraction = mask, mask_fraction
 
@@ -94,19 +113,20 @@ class PhotoGuardEncoder(Defense):
         pipe = ctx.pipeline("img2img" if self.variant == "img2img" else "inpaint")
         vae = pipe.vae
         h, w = images.size
-        keep = None
+        mask = keep = None
         if self.variant == "inpaint":
-            keep = (1.0 - edit_mask(self.mask, h, w, self.mask_fraction, option="defense.mask")).to(ctx.device)
+            mask = edit_mask(self.mask, h, w, self.mask_fraction, option="defense.mask").to(ctx.device)
+            keep = 1.0 - inpaint_mask_condition(mask, h, w)  # where the pipeline keeps the image
         with frozen(vae), torch.no_grad():
             grey = torch.full((1, 3, h, w), 0.5, device=ctx.device)
-            z_grey = encode_mean(vae, grey).float()
+            # inpaint: the masked-image latent of a flat grey image (masking grey leaves it grey), in the
+            # pipeline's scaled units; the posterior mean as the target
+            z_grey = (encode_mean(vae, grey) if mask is None else masked_image_latents(vae, grey, mask)).float()
         z_target = z_grey if self.target == "grey" else torch.zeros_like(z_grey)
 
         def objective(x: torch.Tensor, draws) -> torch.Tensor:
-            if keep is not None:
-                x = x * keep
-            z = encode_mean(vae, x).float()
-            return (z - z_target).flatten(1).norm(dim=1)
+            z = encode_mean(vae, x) if mask is None else masked_image_latents(vae, x, mask, draws)
+            return (z.float() - z_target).flatten(1).norm(dim=1)
 
         with frozen(vae):
             protected, info = optimise_and_report(
@@ -137,14 +157,17 @@ class PhotoGuardDiffusion(Defense):
         guidance_scale: classifier-free guidance of the attacked edit (published 7.5).
         prompt: the prompt of the attacked edit ("" or None: each image's caption).
         target: "grey" (a flat 0.5 image) or "zero" (black).
-        variant: "img2img" or "inpaint" (attacks the model's inpainting checkpoint, ``model.inpaint_source``).
-        mask, mask_fraction: the inpainting mask; the perturbation stays in the kept region.
+        variant: "img2img" or "inpaint" (attacks the model's inpainting checkpoint, ``model.inpaint_source``,
+            through the 9-channel input the inpainting pipeline builds: noisy latents, the binarised mask at
+            latent size and the masked image's latents, see :func:`defenses.latent.edit_through_pipeline`).
+        mask, mask_fraction: the inpainting mask (keep them equal to the edit's ``mimic.mask`` /
+            ``mimic.mask_fraction``); the perturbation stays in the kept region (mask < 0.5).
         scale_to_resolution: scale L2 eps and step from 512 px to the images' size (sqrt of pixel count).
         gradient_checkpointing: trade time for memory on the UNet and VAE (large models).
     """
 
     name = "photoguard_diffusion"
-    version = "1"
+    version = "1"  # the inpaint variant's instances: "2" (it feeds the UNet the pipeline's conditioning)
     uses_model = True
     threat_models = ("editing",)
 
@@ -180,6 +203,8 @@ class PhotoGuardDiffusion(Defense):
         if variant not in VARIANTS:
             raise ConfigError(f"defense.variant must be one of {list(VARIANTS)}, got {variant!r}")
         self.target, self.variant = target, variant
+        if variant == "inpaint":  # the img2img variant's outputs did not change: its cached artifacts stay valid
+            self.version = "2"
         edit_mask(mask, 8, 8, mask_fraction, option="defense.mask")
         self.mask, self.mask_fraction = mask, mask_fraction
         self.scale_to_resolution = bool(scale_to_resolution)
@@ -231,7 +256,7 @@ class PhotoGuardDiffusion(Defense):
             )
             return (out - target).flatten(1).norm(dim=1)
 
-        keep = (1.0 - mask).cpu() if self.variant == "inpaint" else None
+        keep = (1.0 - inpaint_mask_condition(mask, h, w)).cpu() if self.variant == "inpaint" else None
         with (
             frozen(pipe.unet, pipe.vae, pipe.text_encoder),
             gradient_checkpointing(pipe.unet, pipe.vae, enabled=self.gradient_checkpointing),
