@@ -9,6 +9,7 @@ lr 2e-4, EMA 0.99). On SD, enable gradient checkpointing to fit the UNet's activ
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 
@@ -82,7 +83,13 @@ class FullFinetuneMimic(Mimic):
         if self.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
         tuned = pipeline_with_unet(pipe, unet)
+        return self._generate(tuned, images, base_seed, ctx, "full generate")
+
+    def floor(self, images: ImageSet, generator: torch.Generator, ctx: Context) -> ImageSet:
+        """The base model, not finetuned, prompted exactly as :meth:`run` prompts the finetuned one."""
+        pipe = ctx.pipeline("text2img")
+        return self._generate(pipe, images, generator.initial_seed(), ctx, "base model generate (floor)")
+
+    def _generate(self, pipe: Any, images: ImageSet, base_seed: int, ctx: Context, desc: str) -> ImageSet:
         prompts = [self.prompt or c for c in images.captions]
-        return generate_per_image(
-            tuned, images, prompts, base_seed, self.sample_steps, self.guidance_scale, ctx, "full generate"
-        )
+        return generate_per_image(pipe, images, prompts, base_seed, self.sample_steps, self.guidance_scale, ctx, desc)

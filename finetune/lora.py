@@ -158,10 +158,16 @@ class LoraMimic(Mimic):
             seed=derive_seed(base_seed, "train"),
             log=progress_logger(ctx, self.steps, "lora finetune"),
         )
+        return self._generate(tuned, images, base_seed, ctx, "lora generate")
+
+    def floor(self, images: ImageSet, generator: torch.Generator, ctx: Context) -> ImageSet:
+        """The base model, not finetuned, prompted exactly as :meth:`run` prompts the finetuned one."""
+        pipe = ctx.pipeline("text2img")
+        return self._generate(pipe, images, generator.initial_seed(), ctx, "base model generate (floor)")
+
+    def _generate(self, pipe: Any, images: ImageSet, base_seed: int, ctx: Context, desc: str) -> ImageSet:
         prompts = [self.prompt or c for c in images.captions]
-        return generate_per_image(
-            tuned, images, prompts, base_seed, self.sample_steps, self.guidance_scale, ctx, "lora generate"
-        )
+        return generate_per_image(pipe, images, prompts, base_seed, self.sample_steps, self.guidance_scale, ctx, desc)
 
 
 class DreamBoothLoraMimic(Mimic):
@@ -225,13 +231,13 @@ class DreamBoothLoraMimic(Mimic):
             prior=prior,
             prompts=[self.instance_prompt] * len(images),
         )
-        return generate_per_image(
-            tuned,
-            images,
-            [self.generation_prompt] * len(images),
-            base_seed,
-            self.sample_steps,
-            self.guidance_scale,
-            ctx,
-            "dreambooth generate",
-        )
+        return self._generate(tuned, images, base_seed, ctx, "dreambooth generate")
+
+    def floor(self, images: ImageSet, generator: torch.Generator, ctx: Context) -> ImageSet:
+        """The base model, not finetuned, prompted with the generation prompt (its identifier means nothing to it)."""
+        pipe = ctx.pipeline("text2img")
+        return self._generate(pipe, images, generator.initial_seed(), ctx, "base model generate (floor)")
+
+    def _generate(self, pipe: Any, images: ImageSet, base_seed: int, ctx: Context, desc: str) -> ImageSet:
+        prompts = [self.generation_prompt] * len(images)
+        return generate_per_image(pipe, images, prompts, base_seed, self.sample_steps, self.guidance_scale, ctx, desc)

@@ -5,23 +5,24 @@
     python -m harness.audit defense=external defense.folder=/path/to/glazed defense.tool=glaze-2.1
 
 For every threat model the protection claims (``Defense.threat_models``) and the audit configures
-(``experiments/audit/*.yaml``), the audit runs through the cached stage pipeline:
+(``experiments/audit/*.yaml``), the audit runs through the cached stage pipeline, for every configured mimic
+and seed (``audit.threat_models.<tm>.seeds``; finetunes run with several):
 
-- the **clean baseline** (no protection) and the **random-noise baseline** (uniform noise of the protection's
-  L-inf budget), both without purifier;
-- the protection with **no purifier** (naive mimicry) and with **every configured purifier**, against every
-  configured mimic, for every seed;
+- the **positive control** (``control=clean``: the attacker on the clean images) and the **floor**
+  (``control=floor``: the attacker with nothing useful, another seed's edit or the base model unfinetuned);
+- the protection and the **noise baseline** (``control=noise``: uniform noise at the protection's realised
+  L-inf budget on these images), each with no purifier (naive) and with every configured purifier;
 
 then writes ``${runtime.results_dir}/audits/<defense>/report.md`` and ``report.html`` (one offline file, images
-embedded): the budget actually used, the protection's own objective against the noise baseline, a success
-table per threat model with bootstrap intervals, the attacker's best purifier per image, a one-sentence
-verdict, image grids (clean / protected / purified / mimic output) and, when ``audit.budgets`` lists several
-budgets, a plot of success against budget. Result rows land in ``audits/<defense>/runs/`` with full provenance.
+embedded): the verdict per threat model as an effect size between the controls (:mod:`harness.verdict`), the
+method note, the budget actually used, the protection's own objective against noise, a success table per
+threat model with intervals, image grids and, when ``audit.budgets`` lists budgets, a plot of success against
+budget. Result rows land in ``audits/<defense>/runs/`` with full provenance and their role in the audit; the
+report is rebuilt from them alone by ``python -m harness.tables``.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import io
 import logging
 import math
@@ -35,11 +36,22 @@ from harness.cache import ArtifactStore, atomic_write_bytes, atomic_write_text, 
 from harness.protocols import ConfigError
 from harness.report import html_page, save_grid
 from harness.run import CONFIG_DIR, HarnessError, run_from_config
-from harness.tables import BEST_OF, defense_objectives, interval_beats, interval_reaches, load_rows, summarize
+from harness.tables import binary_metrics, bootstrap_ci, defense_objectives, load_rows
+from harness.verdict import Verdict, controls_from_rows, judge, method_note, role_of
 
 log = logging.getLogger("harness.audit")
 
-__all__ = ["main", "run_audit", "verdict"]
+__all__ = ["main", "run_audit", "write_report", "rebuild_reports", "THREAT_MODELS"]
+
+THREAT_MODELS = ("editing", "mimicry")
+ROLE_ORDER = {"clean": 0, "floor": 1, "noise": 2, "protected": 3, "budget sweep": 4}
+ROLE_NAMES = {
+    "clean": "positive control (clean)",
+    "floor": "floor",
+    "noise": "noise baseline",
+    "protected": "protected",
+    "budget sweep": "budget sweep",
+}
 
 
 def _compose(overrides: Sequence[str]):
@@ -70,156 +82,131 @@ def _split(overrides: Sequence[str]) -> tuple[list[str], list[str], str]:
     return defense_opts, common, defense_name
 
 
-def _cells(audit: Any, defense: str, defense_opts: list[str], eps: float | None, threat_models: list[str]):
-    """Every run of the audit: (threat model, role, overrides)."""
+def _tm_setting(audit: Any, tm: str, key: str, default: Any) -> Any:
+    spec = audit.threat_models[tm]
+    value = spec.get(key)
+    return default if value is None else value
+
+
+def _cells(
+    audit: Any,
+    defense: str,
+    defense_opts: list[str],
+    eps: float | None,
+    threat_models: list[str],
+    common_user: list[str],
+):
+    """Every run of the audit: (threat model, role, overrides). Controls keep the audited defense's options, so
+    their rows carry its label (the noise control measures the protection's realised budget from its run)."""
     cells = []
-    baseline_eps = [] if eps is None else [f"defense.eps={eps!r}"]
+    auditing_baseline = defense == audit.baseline  # its protected rows are the noise baseline
+    folder = any(o.startswith("dataset=folder") for o in common_user)
     for tm in threat_models:
         spec = audit.threat_models[tm]
-        base = [f"dataset={spec.dataset}", f"model={spec.model}", f"metrics={spec.metrics}", *spec.get("overrides", [])]
-        for seed in audit.seeds:
+        metrics = spec.get("folder_metrics") if folder and spec.get("folder_metrics") else spec.metrics
+        base = [f"dataset={spec.dataset}", f"model={spec.model}", f"metrics={metrics}", *spec.get("overrides", [])]
+        own = [f"defense={defense}", *defense_opts]
+        for seed in _tm_setting(audit, tm, "seeds", audit.seeds):
             for mimic in spec.mimics:
                 common = [*base, f"mimic={mimic}", f"seed={seed}"]
-                cells.append((tm, "clean", [*common, "defense=none", "purifier=none"]))
-                if defense != audit.baseline:  # auditing the baseline itself: its protected run is the baseline
-                    cells.append(
-                        (tm, "noise baseline", [*common, f"defense={audit.baseline}", *baseline_eps, "purifier=none"])
-                    )
+                cells.append((tm, "protected", [*common, *own, "purifier=none"]))
+                cells.append((tm, "clean", [*common, *own, "control=clean", "purifier=none"]))
+                cells.append((tm, "floor", [*common, *own, "control=floor", "purifier=none"]))
                 for purifier in audit.purifiers:
-                    cells.append(
-                        (tm, "protected", [*common, f"defense={defense}", *defense_opts, f"purifier={purifier}"])
-                    )
+                    if purifier != "none":
+                        cells.append((tm, "protected", [*common, *own, f"purifier={purifier}"]))
+                    if not auditing_baseline:
+                        cells.append((tm, "noise", [*common, *own, "control=noise", f"purifier={purifier}"]))
                 for b in audit.get("budgets") or []:
                     if eps is not None and abs(float(b) - float(eps)) < 1e-12:
                         continue  # that point is the protected run itself (same stage keys, same row)
-                    cells.append(
-                        (
-                            tm,
-                            "budget sweep",
-                            [*common, f"defense={defense}", *defense_opts, f"defense.eps={b!r}", "purifier=none"],
-                        )
-                    )
+                    cells.append((tm, "budget sweep", [*common, *own, f"defense.eps={b!r}", "purifier=none"]))
     return cells
 
 
-def _ci(row: Any, metric: str) -> str:
-    m, lo, hi = row.get(f"{metric} mean"), row.get(f"{metric} ci_low"), row.get(f"{metric} ci_high")
+def _success_metric(rows: list[dict[str, Any]], tm: str, spec: Any) -> str:
+    """The verdict's success metric: the threat model's configured one, or for a folder of the user's own
+    images (no embedded judge) the configured ``folder_success``."""
+    names = {m for r in rows for m in [*r.get("per_image", {}), *r.get("set_metrics", {})]}
+    for candidate in (spec.get("success"), spec.get("folder_success")):
+        if candidate and f"{tm}/{candidate}" in names:
+            return f"{tm}/{candidate}"
+    return f"{tm}/{spec.get('success')}"
+
+
+def _audit_roles(rows: list[dict[str, Any]], baseline: str) -> dict[str, tuple[str, str]]:
+    """run_id -> (threat model, role), from what the rows record (rows written before the audit recorded
+    roles: from their labels and metric names)."""
+    out = {}
+    for r in rows:
+        info = r.get("audit")
+        if info:
+            out[r["run_id"]] = (info["threat_model"], info["role"])
+            continue
+        names = [*r.get("per_image", {}), *r.get("set_metrics", {})]
+        tm = next((m.split("/", 1)[0] for m in names if m.split("/", 1)[0] in THREAT_MODELS), None)
+        if tm is not None:
+            out[r["run_id"]] = (tm, role_of(r, baseline))
+    return out
+
+
+def _fmt_ci(e: Any) -> str:
+    m, lo, hi = e
     if m is None or (isinstance(m, float) and math.isnan(m)):
         return "-"
+    if isinstance(lo, float) and math.isnan(lo):
+        return f"{m:.3f}"
     return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def verdict(table: Any, success: str, higher: bool, defense: str, tm: str) -> str:
-    """One sentence: does the protection beat noise without purification, and does a purifier undo it?
-
-    The protection "works" against naive mimicry when its success interval lies on the attacker's losing side
-    of the noise baseline's interval; a purifier "breaks" it when the attacker's best-of interval reaches the
-    noise baseline's (the attacker is then as well off as against unprotected-but-noisy images).
-    """
-
-    def pick(label: str):
-        rows = table[table["purifier"] == label] if label.startswith(BEST_OF) else table[table["role"] == label]
-        return rows.iloc[0] if len(rows) else None
-
-    naive = table[(table["role"] == "protected") & (table["purifier"] == "none")]
-    noise = pick("noise baseline")
-    best = table[table["purifier"].astype(str).str.startswith(BEST_OF)]
-    if naive.empty or noise is None:
-        return f"{tm}: not enough runs for a verdict."
-    n, z = naive.iloc[0], noise
-    col = f"{success}"
-    works = interval_beats(n, z, col, higher)
-    head = (
-        f"{tm}: {defense} lowers the attacker's {success} from {z[col + ' mean']:.3f} (noise of equal budget) to "
-        f"{n[col + ' mean']:.3f} without purification"
-        if works
-        else f"{tm}: {defense} does not beat random noise of equal budget against naive {tm} "
-        f"({n[col + ' mean']:.3f} vs {z[col + ' mean']:.3f} for noise)"
-    )
-    if best.empty:
-        return head + "."
-    b = best.iloc[0]
-    restored = interval_reaches(b, z, col, higher)
-    if works and restored:
-        return (
-            head
-            + f"; the attacker's best purifier per image restores it to {b[col + ' mean']:.3f}: the protection is broken."
-        )
-    if works:
-        return (
-            head
-            + f", and no configured purifier restores it (best-of {b[col + ' mean']:.3f}): the protection holds here."
-        )
-    return head + "."
+def _row_mean(rows: list[dict[str, Any]], metric: str, binary: bool = False) -> tuple[float, float, float]:
+    by_seed = [r["per_image"][metric] for r in rows if metric in r.get("per_image", {})]
+    by_seed += [[r["set_metrics"][metric]] for r in rows if metric in r.get("set_metrics", {})]
+    return bootstrap_ci(by_seed, binary=binary) if by_seed else (math.nan, math.nan, math.nan)
 
 
 def _grid(
-    store: ArtifactStore, rows: list[dict[str, Any]], out: Path, n_images: int, clean_row: dict[str, Any] | None = None
+    store: ArtifactStore | None, lines: list[tuple[str, str, str | None]], out: Path, n_images: int
 ) -> Path | None:
-    """Rows of images: clean, protected, purified, mimic output; one column group per purifier."""
+    """A labelled grid, one image row per ``(label, stage, key)`` that the store holds. When the store holds none
+    of them (a fresh checkout re-rendering committed rows), the grid already beside the report is kept."""
     import torch
 
-    def load(stage: str, key: str | None):
-        if key is None:
-            return None
-        art = store.get(stage, key)
-        return None if art is None else load_imageset(art.path)[0].images[:n_images]
-
-    lines, labels = [], []
-
-    def add(label: str, imgs) -> None:
-        if imgs is not None:
-            lines.append(imgs)
+    images, labels = [], []
+    for label, stage, key in lines:
+        art = store.get(stage, key) if store is not None and key else None
+        if art is not None:
+            images.append(load_imageset(art.path)[0].images[:n_images])
             labels.append(label)
-
-    if rows:  # shared by every purifier: the clean images, the protected ones, and the mimic on clean images
-        keys = rows[0]["stage_keys"]
-        add("clean", load("data", keys.get("data")))
-        add("protected", load("protect", keys.get("protect")))
-        # editing: the same edit of the clean images; mimicry: the mimic trained on the clean images
-        reference = keys.get("mimic_clean") or (clean_row or {}).get("stage_keys", {}).get("mimic")
-        add("mimic output on the clean images", load("mimic", reference))
-    for r in rows:
-        keys, purifier = r["stage_keys"], r["labels"]["purifier"]
-        if purifier != "none":
-            add(f"purified by {purifier}", load("purify", keys.get("purify")))
-        add(f"mimic output after {purifier}", load("mimic", keys.get("mimic")))
-    if not lines:
-        return None
-    k = min(len(x) for x in lines)
-    save_grid(torch.cat([x[:k] for x in lines]), len(lines), out, labels=labels, scale=2, label_width=210)
+    if not images:
+        return out if out.is_file() else None
+    k = min(len(x) for x in images)
+    save_grid(torch.cat([x[:k] for x in images]), len(images), out, labels=labels, scale=2, label_width=210)
     atomic_write_text(out.with_suffix(".txt"), "\n".join(f"row {i + 1}: {t}" for i, t in enumerate(labels)) + "\n")
     return out
 
 
-def _budget_plot(table: Any, success: str, out: Path, title: str) -> Path | None:
+def _budget_plot(
+    points: list[tuple[float, tuple[float, float, float]]], success: str, out: Path, title: str
+) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = (table["role"] == "budget sweep") | ((table["role"] == "protected") & (table["purifier"] == "none"))
-    sweep = table[points].sort_values("eps")
-    if (table["role"] == "budget sweep").sum() == 0 or len(sweep) < 2:
+    points = sorted(p for p in points if not math.isnan(p[1][0]))
+    if len(points) < 2:
         return None
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
-    x = sweep["eps"] * 255
-    ax.errorbar(
-        x,
-        sweep[f"{success} mean"],
-        yerr=[
-            sweep[f"{success} mean"] - sweep[f"{success} ci_low"],
-            sweep[f"{success} ci_high"] - sweep[f"{success} mean"],
-        ],
-        marker="o",
-        capsize=3,
-    )
+    x = [255 * e for e, _ in points]
+    m = [v[0] for _, v in points]
+    ax.errorbar(x, m, yerr=[[v[0] - v[1] for _, v in points], [v[2] - v[0] for _, v in points]], marker="o", capsize=3)
     ax.set_xlabel("budget eps (x 1/255)")
     ax.set_ylabel(success)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", metadata={"Software": None})
     plt.close(fig)
     atomic_write_bytes(out, buf.getvalue())
     return out
@@ -236,9 +223,13 @@ def run_audit(overrides: Sequence[str]) -> Path:
         defense = hydra.utils.instantiate(cfg.defense, _convert_="all")
     except Exception as err:  # the cause names the bad option
         raise HarnessError(f"defense: {err.__cause__ or err}") from err
-    unknown = [t for t in audit.threat_models if t not in ("editing", "mimicry")]
+    unknown = [t for t in audit.threat_models if t not in THREAT_MODELS]
     if unknown:
         raise HarnessError(f"audit.threat_models: unknown threat model(s) {unknown}; use editing and/or mimicry")
+    for key in ("min_effect",):
+        v = audit.get(key)
+        if v is None or not (0.0 < float(v) < 1.0):
+            raise HarnessError(f"audit.{key} must be in (0, 1), got {v!r}")
     tms = [t for t in audit.threat_models if t in defense.threat_models]
     if not tms:
         raise HarnessError(
@@ -248,141 +239,285 @@ def run_audit(overrides: Sequence[str]) -> Path:
     label = defense_name + (f"[{','.join(o.split('.', 1)[1] for o in defense_opts)}]" if defense_opts else "")
 
     out = Path(cfg.runtime.results_dir) / "audits" / re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-")
-    cells = _cells(audit, defense_name, defense_opts, defense.eps, tms)
-    roles: dict[str, tuple[str, str]] = {}
+    cells = _cells(audit, defense_name, defense_opts, defense.eps, tms, list(common))
+    command = f"python -m harness.audit {' '.join(overrides)}"
+    run_ids: list[str] = []
     log.info("audit of %s: %d runs over %s (rows in %s)", label, len(cells), ", ".join(tms), out / "runs")
     for k, (tm, role, cell) in enumerate(cells, 1):
         cell_overrides = [*common, *cell, f"runtime.results_dir='{out}'"]
         cfg_k, choices = _compose(cell_overrides)
         print(
-            f"[audit {k}/{len(cells)}] {tm}: {role}: " + " ".join(o for o in cell if not o.startswith("seed=")),
+            f"[audit {k}/{len(cells)}] {tm}: {ROLE_NAMES[role]}: "
+            + " ".join(o for o in cell if not o.startswith(("defense=", "control="))),
             file=sys.stderr,
             flush=True,
         )
-        row = run_from_config(cfg_k, choices=choices, overrides=cell_overrides)
-        roles[row["run_id"]] = (tm, role)
-    return write_report(out, label, roles, cfg, tms, overrides)
+        extra = {"audit": {"label": label, "command": command, "threat_model": tm, "role": role}}
+        row = run_from_config(cfg_k, choices=choices, overrides=cell_overrides, row_extra=extra)
+        if row is not None:
+            run_ids.append(row["run_id"])
+    rows = [r for r in load_rows(out) if r["run_id"] in set(run_ids)]
+    return write_report(out, rows, cfg.runtime.cache_dir)
 
 
-def write_report(
-    out: Path, label: str, roles: dict[str, tuple[str, str]], cfg: Any, tms: list[str], overrides: Sequence[str]
-) -> Path:
-    """Write report.md and report.html for the audit rows in ``out/runs`` listed in ``roles``."""
+def _select_current(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the audit last run in a folder (rows of an earlier configuration stay in runs/)."""
+    recorded = [r for r in rows if r.get("audit")]
+    if not recorded:
+        return rows  # rows written before the audit recorded itself: all of them
+    latest = max(recorded, key=lambda r: r.get("created", ""))["audit"]["command"]
+    return [r for r in recorded if r["audit"]["command"] == latest]
 
-    import pandas as pd
 
-    rows = [r for r in load_rows(out) if r["run_id"] in roles]
-    store = ArtifactStore(cfg.runtime.cache_dir)
-    audit = cfg.audit
-    md: list[str] = [f"# Audit of `{label}`", ""]
-    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    commit = rows[0]["provenance"].get("git", {}).get("commit") if rows and "provenance" in rows[0] else None
-    md += [
-        f"Command: `python -m harness.audit {' '.join(overrides)}`  ",
-        f"Generated {now} from {len(rows)} result "
-        f"rows in `runs/` (commit {commit}). Success = the attacker's success; intervals are 95% bootstrap over "
-        "images and seeds.",
+def rebuild_reports(results_dir: str | Path, cache_dir: str | Path | None = None) -> list[Path]:
+    """Re-render every audit report under ``results_dir/audits`` from its rows (grids from ``cache_dir`` where it
+    still holds the images). Used by ``python -m harness.tables``."""
+    made = []
+    for runs in sorted((Path(results_dir) / "audits").glob("*/runs")):
+        rows = load_rows(runs.parent)
+        if rows:
+            made.append(write_report(runs.parent, _select_current(rows), cache_dir))
+    return made
+
+
+def write_report(out: Path, rows: list[dict[str, Any]], cache_dir: str | Path | None = None) -> Path:
+    """Write report.md and report.html of the audit whose rows are ``rows`` (in ``out/runs``); every number
+    comes from the rows, the audit settings from their config."""
+    if not rows:
+        raise HarnessError(f"no audit rows in {out / 'runs'}")
+    from omegaconf import OmegaConf
+
+    audit = OmegaConf.create(rows[0]["config"]["audit"])
+    baseline = str(audit.get("baseline", "noise"))
+    roles = _audit_roles(rows, baseline)
+    rows = [r for r in rows if r["run_id"] in roles]
+    protected_rows = [r for r in rows if roles[r["run_id"]][1] == "protected"]
+    info = next((r["audit"] for r in rows if r.get("audit")), None)
+    label = info["label"] if info else (protected_rows[0]["labels"]["defense"] if protected_rows else out.name)
+    if info:
+        command = info["command"]
+    else:
+        command = (
+            f"python -m harness.audit defense={label} audit.purifiers=[{','.join(audit.purifiers)}] "
+            "(reconstructed from the rows' config: these rows predate the audit's record of its command)"
+        )
+    min_effect = float(audit.get("min_effect", 0.5))
+    level = float(audit.get("level", 0.95))
+    n_boot = int(audit.get("n_bootstrap", 2000))
+    store = ArtifactStore(cache_dir) if cache_dir is not None and Path(cache_dir).is_dir() else None
+    commits = sorted({str(r.get("provenance", {}).get("git", {}).get("commit", "?"))[:10] for r in rows})
+    created = max(r.get("created", "") for r in rows)
+    binary = binary_metrics(rows)
+    tms = [t for t in THREAT_MODELS if any(roles[r["run_id"]][0] == t for r in rows)]
+    md: list[str] = [
+        f"# Audit of `{label}`",
+        "",
+        f"Command: `{command}`  ",
+        f"Generated by `harness.audit` from {len(rows)} result rows in `runs/` (code commit(s) {', '.join(commits)}; "
+        f"latest row {created}). Intervals: {100 * level:g}% paired bootstrap over seeds and images (see Method).",
         "",
     ]
-    objectives = defense_objectives([r for r in rows if roles[r["run_id"]][1] == "protected"])
-    verdicts = []
-    sections: list[tuple[str, str, list[Path]]] = []
+    verdicts: list[str] = []
+    sections: list[str] = []
     for tm in tms:
         spec = audit.threat_models[tm]
         tm_rows = [r for r in rows if roles[r["run_id"]][0] == tm]
-        if not tm_rows:
-            continue
-        table, higher = summarize(tm_rows)
-        success = f"{tm}/{spec.success}"
-        role_of = {}
-        for r in tm_rows:
-            key = tuple(r["labels"][c] for c in ("defense", "purifier"))
-            role_of[key] = roles[r["run_id"]][1]
-        table["role"] = [
-            role_of.get((d, p), "protected" if str(p).startswith(BEST_OF) else "")
-            for d, p in zip(table["defense"], table["purifier"], strict=True)
-        ]
-        eps_of = {r["labels"]["defense"]: (r["budget"].get("eps") or 0.0) for r in tm_rows}
-        table["eps"] = [eps_of.get(d, 0.0) for d in table["defense"]]
-        sentence = verdict(table, success, higher.get(success, True), label, tm)
-        verdicts.append(sentence)
-        lines = [
-            f"## {tm.capitalize()}",
-            "",
-            f"**Verdict.** {sentence}",
-            "",
-            f"| role | defense | purifier | mimic | {success} {'↑' if higher.get(success, True) else '↓'} | "
-            "budget L-inf (x255) | purified PSNR | purified SSIM |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        order = {"clean": 0, "noise baseline": 1, "protected": 2, "budget sweep": 3}
-        table = table.sort_values(by=["role", "purifier"], key=lambda s: s.map(order) if s.name == "role" else s)
-        for _, t in table.iterrows():
-            linf = t.get("budget/linf mean")
-            lines.append(
-                f"| {t['role']} | {t['defense']} | {t['purifier']} | {t['mimic']} | **{_ci(t, success)}** | "
-                f"{'-' if linf is None or math.isnan(linf) else f'{255 * linf:.2f}'} | {_ci(t, 'purified/psnr')} | "
-                f"{_ci(t, 'purified/ssim')} |"
-            )
-        images: list[Path] = []
-        protected_rows = [r for r in tm_rows if roles[r["run_id"]][1] == "protected" and r["seed"] == audit.seeds[0]]
-        # grid rows in the configured purifier order ("none", naive mimicry, first)
-        rank = {str(p): k for k, p in enumerate(audit.purifiers)}
-        protected_rows.sort(key=lambda r: rank.get(r["labels"]["purifier"], len(rank)))
-        mimics = sorted({r["labels"]["mimic"] for r in protected_rows})
-        for mimic in mimics:
-            g = _grid(
-                store,
-                [r for r in protected_rows if r["labels"]["mimic"] == mimic],
-                out / re.sub(r"[^A-Za-z0-9_.-]+", "-", f"grid_{tm}_{mimic}.png"),
-                int(audit.grid_images),
-                clean_row=next(
-                    (r for r in tm_rows if roles[r["run_id"]][1] == "clean" and r["labels"]["mimic"] == mimic), None
+        success = _success_metric(tm_rows, tm, spec)
+        higher = next(
+            (r["higher_is_better"][success] for r in tm_rows if success in r.get("higher_is_better", {})), True
+        )
+        lines = [f"## {tm.capitalize()}", ""]
+        for mimic in sorted({r["labels"]["mimic"] for r in tm_rows}):
+            m_rows = [r for r in tm_rows if r["labels"]["mimic"] == mimic]
+            v: Verdict = judge(
+                controls_from_rows(
+                    [r for r in m_rows if roles[r["run_id"]][1] != "budget sweep"], label, success, baseline
                 ),
+                threat_model=tm,
+                defense=label,
+                metric=success,
+                higher=higher,
+                binary=success in binary,
+                min_effect=min_effect,
+                n_boot=n_boot,
+                level=level,
             )
-            if g is not None:
-                images.append(g)
-                legend = g.with_suffix(".txt").read_text().strip().replace("\n", "; ")
-                lines += ["", f"![{tm} grid, {mimic}]({g.name})", "", f"Grid rows: {legend}."]
-        plot = _budget_plot(table, success, out / f"budget_{tm}.png", f"{label}: {tm} success vs budget")
-        if plot is not None:
-            images.append(plot)
-            lines += ["", f"![success vs budget]({plot.name})"]
-        sections.append((tm, "\n".join(lines), images))
-        pd.DataFrame(table).to_csv(out / f"table_{tm}.csv", index=False, float_format="%.6g", lineterminator="\n")
+            sentence = v.sentence if mimic == "none" else v.sentence.replace(f"{tm}: ", f"{tm} ({mimic}): ", 1)
+            verdicts.append(sentence)
+            lines += [f"**Verdict ({mimic}).** {sentence}", ""]
+            lines += _effects_table(v)
+            lines += _success_table(m_rows, roles, success, higher, binary)
+            lines += _grid_section(store, m_rows, roles, tm, mimic, out, int(audit.get("grid_images", 6)))
+            sweep = [
+                (float(r["budget"].get("eps") or 0.0), _row_mean([r], success, success in binary))
+                for r in m_rows
+                if roles[r["run_id"]][1] == "budget sweep"
+                or (roles[r["run_id"]][1] == "protected" and r["labels"]["purifier"] == "none")
+            ]
+            if any(roles[r["run_id"]][1] == "budget sweep" for r in m_rows):
+                by_eps: dict[float, list[dict[str, Any]]] = {}
+                for r in m_rows:
+                    if roles[r["run_id"]][1] == "budget sweep" or (
+                        roles[r["run_id"]][1] == "protected" and r["labels"]["purifier"] == "none"
+                    ):
+                        by_eps.setdefault(float(r["budget"].get("eps") or 0.0), []).append(r)
+                sweep = [(e, _row_mean(rs, success, success in binary)) for e, rs in by_eps.items()]
+                plot = _budget_plot(sweep, success, out / f"budget_{tm}.png", f"{label}: {tm} success vs budget")
+                if plot is not None:
+                    lines += [f"![success vs budget]({plot.name})", ""]
+        sections.append("\n".join(lines))
     md += ["## Summary", ""] + [f"- {v}" for v in verdicts] + [""]
-    budget_rows = [r for r in rows if roles[r["run_id"]][1] == "protected"]
-    if budget_rows:
-        b = budget_rows[0]["budget"]
+    md += [method_note(min_effect, level, n_boot), ""]
+    if protected_rows:
+        b = protected_rows[0]["budget"]
         md += [
             "## Budget actually used",
             "",
             f"Claimed L-inf eps: {b.get('eps')}; realised: L-inf max {255 * b.get('linf_max', float('nan')):.2f}/255, "
             f"mean L2 {b.get('l2_mean', float('nan')):.3f}, PSNR {b.get('psnr_mean', float('nan')):.2f} dB, "
             f"SSIM {b.get('ssim_mean', float('nan')):.4f} (protected vs clean).",
-            "",
         ]
+        noise_rows = [r for r in rows if r.get("control", {}).get("kind") == "noise"]
+        if noise_rows:
+            eps = sorted({round(255 * r["control"]["eps"], 2) for r in noise_rows})
+            md.append(
+                f"The noise baseline: uniform noise with L-inf bound {', '.join(f'{e:g}' for e in eps)}/255, "
+                "the protection's realised budget on the same images."
+            )
+        md.append("")
+    objectives = defense_objectives(protected_rows)
     if len(objectives):
         md += [
             "## The protection's own objective",
             "",
-            "| objective | direction | clean | noise baseline | protected | beats noise |",
-            "|---|---|---|---|---|---|",
+            "| objective | direction | clean | noise baseline | protected | beyond noise [95%] | beats noise |",
+            "|---|---|---|---|---|---|---|",
         ]
         for _, o in objectives.iterrows():
             md.append(
                 f"| {o['objective']} | {o['direction']} | {o['clean']:.4g} | {o['noise baseline']:.4g} | "
-                f"{o['protected']:.4g} | {o['beats noise']} |"
+                f"{o['protected']:.4g} | {o['beyond noise [95%]']} | {o['beats noise']} |"
             )
         md.append("")
-    for _, text, _ in sections:
-        md += [text, ""]
-    md.append("Generated by `python -m harness.audit`; do not edit. Rows: `runs/*.json`.")
+    md += sections
+    md.append(
+        "Generated by `python -m harness.audit` (rebuilt by `python -m harness.tables`); do not edit. "
+        "Rows: `runs/*.json`."
+    )
     report = "\n".join(md) + "\n"
     atomic_write_text(out / "report.md", report)
     atomic_write_text(out / "report.html", html_page(f"Audit of {label}", report, out))
     log.info("report: %s (and report.html)", out / "report.md")
     return out / "report.md"
+
+
+def _effects_table(v: Verdict) -> list[str]:
+    rows = [
+        ("positive control: clean - floor", v.positive_control),
+        ("noise baseline - floor", v.noise_gap),
+        ("protection (no purifier)", v.protection),
+        *[(f"residual after {p}", e) for p, e in sorted(v.residual_by_purifier.items())],
+        ("residual after the attacker's best per image", v.residual),
+    ]
+    rows = [(n, e) for n, e in rows if e.defined]
+    if not rows:
+        return []
+    out = ["| effect | estimate [interval] | pairs | seeds |", "|---|---|---|---|"]
+    out += [f"| {n} | {e.fmt(3)} | {e.pairs} | {e.seeds} |" for n, e in rows]
+    return out + [""]
+
+
+def _success_table(
+    rows: list[dict[str, Any]], roles: dict[str, tuple[str, str]], success: str, higher: bool, binary: set[str]
+) -> list[str]:
+    """Success per role and purifier (mean [interval] over seeds and images), with the best-of rows."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        role = roles[r["run_id"]][1]
+        name = r["labels"]["defense"] if role == "budget sweep" else ""
+        groups.setdefault((role, name, r["labels"]["purifier"]), []).append(r)
+    out = [
+        f"| role | purifier | {success} {'↑' if higher else '↓'} | seeds | L-inf (x255) | purified PSNR | purified SSIM |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (role, name, purifier), members in sorted(
+        groups.items(), key=lambda kv: (ROLE_ORDER[kv[0][0]], kv[0][1], kv[0][2] != "none", kv[0][2])
+    ):
+        linf = max((r["budget"].get("linf_max") or 0.0) for r in members)
+        shown = f"{ROLE_NAMES[role]} ({name})" if name else ROLE_NAMES[role]
+        out.append(
+            f"| {shown} | {purifier} | **{_fmt_ci(_row_mean(members, success, success in binary))}** | "
+            f"{len({r['seed'] for r in members})} | {255 * linf:.2f} | {_fmt_ci(_row_mean(members, 'purified/psnr'))} | "
+            f"{_fmt_ci(_row_mean(members, 'purified/ssim'))} |"
+        )
+    for role in ("noise", "protected"):
+        members = [r for r in rows if roles[r["run_id"]][1] == role]
+        purifiers = sorted({r["labels"]["purifier"] for r in members})
+        if len(purifiers) < 2:
+            continue
+        best = {}
+        for r in members:
+            for i, val in zip(r["image_ids"], r["per_image"].get(success, []), strict=False):
+                k = (r["seed"], i)
+                best[k] = val if k not in best else (max if higher else min)(best[k], val)
+        by_seed: dict[Any, list[float]] = {}
+        for (s, _), val in sorted(best.items(), key=lambda kv: str(kv[0])):
+            by_seed.setdefault(s, []).append(val)
+        est = bootstrap_ci(list(by_seed.values()), binary=success in binary)
+        out.append(
+            f"| {ROLE_NAMES[role]} | best-of ({len(purifiers)}) | **{_fmt_ci(est)}** | {len(by_seed)} | - | - | - |"
+        )
+    return out + [""]
+
+
+def _grid_section(
+    store: ArtifactStore | None,
+    rows: list[dict[str, Any]],
+    roles: dict[str, tuple[str, str]],
+    tm: str,
+    mimic: str,
+    out: Path,
+    n_images: int,
+) -> list[str]:
+    """Clean, protected, the mimic on the clean images and its floor, then per purifier (in the configured
+    order) the purified images and the mimic output; the first seed's rows."""
+    seed = min((r["seed"] for r in rows), default=0)
+    first = [r for r in rows if r["seed"] == seed]
+    protected = [r for r in first if roles[r["run_id"]][1] == "protected"]
+    if not protected:
+        return []
+    audit_purifiers = [str(p) for p in (protected[0]["config"]["audit"].get("purifiers") or [])]
+    rank = {p: k for k, p in enumerate(audit_purifiers)}
+    protected.sort(key=lambda r: rank.get(r["labels"]["purifier"], len(rank)))
+    keys = protected[0]["stage_keys"]
+    clean_row = next((r for r in first if roles[r["run_id"]][1] == "clean"), None)
+    floor_row = next((r for r in first if roles[r["run_id"]][1] == "floor"), None)
+    reference = keys.get("mimic_clean") or (clean_row or {}).get("stage_keys", {}).get("mimic")
+    lines: list[tuple[str, str, str | None]] = [
+        ("clean", "data", keys.get("data")),
+        ("protected", "protect", keys.get("protect")),
+        ("mimic output on the clean images", "mimic", reference),
+    ]
+    if floor_row is not None:
+        lines.append(
+            (
+                "floor: " + ("another seed's edit" if tm == "editing" else "base model"),
+                "mimic",
+                floor_row["stage_keys"].get("mimic"),
+            )
+        )
+    for r in protected:
+        purifier = r["labels"]["purifier"]
+        if purifier != "none":
+            lines.append((f"purified by {purifier}", "purify", r["stage_keys"].get("purify")))
+        lines.append((f"mimic output after {purifier}", "mimic", r["stage_keys"].get("mimic")))
+    path = out / re.sub(r"[^A-Za-z0-9_.-]+", "-", f"grid_{tm}_{mimic}.png")
+    made = _grid(store, lines, path, n_images)
+    if made is None:
+        return []
+    legend_file = made.with_suffix(".txt")
+    legend = legend_file.read_text().strip().replace("\n", "; ") if legend_file.is_file() else ""
+    return [f"![{tm} grid, {mimic}]({made.name})", "", f"Grid rows: {legend}.", ""]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from harness.protocols import Context, Defense, Metric, Mimic, Purifier, SetMetr
 from harness.seeding import derive_seed, make_generator
 from harness.types import ImageSet
 
-__all__ = ["Experiment", "StageRecord", "RunResult", "run_experiment"]
+__all__ = ["Experiment", "StageRecord", "RunResult", "run_experiment", "realised_linf"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,10 @@ class Experiment:
         seed: the experiment seed; each stage derives its own from it.
         configs: group -> resolved config (plain dicts) used for the stage keys: ``dataset``, ``defense``,
             ``purifier``, ``mimic``, ``metrics``, ``model``.
+        control: None for an ordinary run; ``"floor"`` runs the mimic's floor control (:meth:`Mimic.floor`:
+            the success an attacker gets with nothing useful) on the clean images instead of the mimic on the
+            purified ones. The clean and noise controls are ordinary runs of ``defense=none`` and of the noise
+            baseline (see :func:`harness.run.run_from_config`).
     """
 
     dataset: Any
@@ -53,6 +57,7 @@ class Experiment:
     model: Any
     seed: int
     configs: Mapping[str, Any]
+    control: str | None = None
 
 
 @dataclass
@@ -147,23 +152,22 @@ def _model_cfg(component: Any, exp: Experiment) -> dict[str, Any]:
     return extra
 
 
-def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunResult:
-    """Run every stage of ``exp`` through ``store`` and measure. Returns per-image metric values."""
-    rec: dict[str, StageRecord] = {}
-    cfg = exp.configs
-
-    # data
-    k_data = stage_key("data", {}, {"dataset": cfg["dataset"]}, exp.dataset.version, None)
-    clean, rec["data"] = _stage_images(store, "data", k_data, None, exp.dataset.name, lambda: (exp.dataset.load(), {}))
+def _data_stage(exp: Experiment, store: ArtifactStore) -> tuple[ImageSet, StageRecord]:
+    k_data = stage_key("data", {}, {"dataset": exp.configs["dataset"]}, exp.dataset.version, None)
+    clean, record = _stage_images(store, "data", k_data, None, exp.dataset.name, lambda: (exp.dataset.load(), {}))
     if len(clean) == 0:
         raise RuntimeError("the dataset is empty")
+    return clean, record
 
-    # protect
+
+def _protect_stage(
+    exp: Experiment, store: ArtifactStore, ctx: Context, clean: ImageSet, k_data: str
+) -> tuple[ImageSet, StageRecord]:
     s_protect = derive_seed(exp.seed, "protect")
     k_protect = stage_key(
         "protect",
         {"data": k_data},
-        {"defense": cfg["defense"], **_model_cfg(exp.defense, exp)},
+        {"defense": exp.configs["defense"], **_model_cfg(exp.defense, exp)},
         exp.defense.version,
         s_protect,
     )
@@ -173,8 +177,29 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
         _check_same_layout("protect", clean, out.images)
         return out.images, {"info": dict(out.info)}
 
-    protected, rec["protect"] = _stage_images(store, "protect", k_protect, s_protect, exp.defense.name, do_protect)
+    return _stage_images(store, "protect", k_protect, s_protect, exp.defense.name, do_protect)
 
+
+def realised_linf(exp: Experiment, store: ArtifactStore, ctx: Context) -> float:
+    """The largest L-inf distance (in [0, 1] units, on the stored 8-bit images) between a protected image of
+    ``exp``'s defense and its clean image: the budget the protection actually used. Runs (or finds in the
+    store) the data and protect stages only."""
+    clean, rec = _data_stage(exp, store)
+    protected, _ = _protect_stage(exp, store, ctx, clean, rec.key)
+    return float((protected.images - clean.images).abs().amax()) if len(clean) else 0.0
+
+
+def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunResult:
+    """Run every stage of ``exp`` through ``store`` and measure. Returns per-image metric values."""
+    rec: dict[str, StageRecord] = {}
+    cfg = exp.configs
+    if exp.control not in (None, "floor"):
+        raise ValueError(f"Experiment.control must be None or 'floor', got {exp.control!r}")
+
+    clean, rec["data"] = _data_stage(exp, store)
+    k_data = rec["data"].key
+    protected, rec["protect"] = _protect_stage(exp, store, ctx, clean, k_data)
+    k_protect = rec["protect"].key
     # purify
     s_purify = derive_seed(exp.seed, "purify")
     k_purify = stage_key(
@@ -217,15 +242,28 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
     if exp.mimic is not None:
         s_mimic = derive_seed(exp.seed, "mimic")
         mimic_cfg = {"mimic": cfg["mimic"], **_model_cfg(exp.mimic, exp)}
-        k_mimic = stage_key("mimic", {"purify": k_purify}, mimic_cfg, exp.mimic.version, s_mimic)
-        outputs, rec["mimic"] = _stage_images(
-            store,
-            "mimic",
-            k_mimic,
-            s_mimic,
-            exp.mimic.name,
-            lambda: (exp.mimic.run(purified, make_generator(s_mimic), ctx), {}),
-        )
+        if exp.control == "floor":  # the attacker with nothing useful: no finetune, or another seed's edit
+            k_mimic = stage_key(
+                "mimic", {"data": k_data}, {**mimic_cfg, "control": "floor"}, exp.mimic.version, s_mimic
+            )
+            outputs, rec["mimic"] = _stage_images(
+                store,
+                "mimic",
+                k_mimic,
+                s_mimic,
+                f"{exp.mimic.name} (floor)",
+                lambda: (exp.mimic.floor(clean, make_generator(s_mimic), ctx), {}),
+            )
+        else:
+            k_mimic = stage_key("mimic", {"purify": k_purify}, mimic_cfg, exp.mimic.version, s_mimic)
+            outputs, rec["mimic"] = _stage_images(
+                store,
+                "mimic",
+                k_mimic,
+                s_mimic,
+                exp.mimic.name,
+                lambda: (exp.mimic.run(purified, make_generator(s_mimic), ctx), {}),
+            )
         if exp.mimic.threat_model == "editing":
             k_ref = stage_key("mimic", {"data": k_data}, mimic_cfg, exp.mimic.version, s_mimic)
             references, rec["mimic_clean"] = _stage_images(
@@ -238,6 +276,20 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
             )
         else:
             references = clean
+        # set-level mimicry measures compare the generations with the artist's held-out images where the dataset
+        # has them (artworks the mimic never trained on); per-image measures pair each generation with its
+        # training image's id
+        set_references = references
+        held_out = getattr(exp.dataset, "held_out", None)
+        if (
+            exp.mimic.threat_model == "mimicry"
+            and callable(held_out)
+            and any(isinstance(m, SetMetric) for m in exp.metrics.values())
+        ):
+            k_held = stage_key("data", {}, {"dataset": cfg["dataset"], "part": "held_out"}, exp.dataset.version, None)
+            set_references, rec["held_out"] = _stage_images(
+                store, "data", k_held, None, f"{exp.dataset.name} (held out)", lambda: (held_out(), {})
+            )
 
         # measure: cached as JSON, keyed by its inputs and the metric configs
         parents = {s: r.key for s, r in rec.items()}
@@ -252,6 +304,9 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
         art = store.get("measure", k_measure)
         if art is not None:
             measured = art.meta()
+            # canonical JSON stores a non-finite value (a refused FID: NaN) as its repr; float() reads it back
+            measured["per_image"] = {k: [float(x) for x in v] for k, v in measured["per_image"].items()}
+            measured["per_set"] = {k: float(v) for k, v in measured.get("per_set", {}).items()}
             cached = True
         else:
             measured = {"per_image": {}, "higher_is_better": {}}
@@ -259,7 +314,7 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
             for name, metric in exp.metrics.items():
                 key = f"{exp.mimic.threat_model}/{name}"
                 if isinstance(metric, SetMetric):  # FID, KID: one number for the two sets
-                    measured["per_set"][key] = float(metric.value(outputs, references))
+                    measured["per_set"][key] = float(metric.value(outputs, set_references))
                 else:
                     measured["per_image"][key] = metric(outputs, references).tolist()
                 measured["higher_is_better"][key] = metric.higher_is_better

@@ -159,6 +159,21 @@ class Mimic(Component):
     def run(self, images: ImageSet, generator: torch.Generator, ctx: Context) -> ImageSet:
         """Run the mimic on ``images`` and return its outputs as an ImageSet in [0, 1]."""
 
+    def floor(self, images: ImageSet, generator: torch.Generator, ctx: Context) -> ImageSet:
+        """The **floor** control: what the attacker gets from ``images`` with nothing useful to learn from.
+
+        Measured against the same references as every other run, it is the success that carries no
+        information about the images: an effect size is scaled between the noise baseline and this floor.
+        ``generator`` is the one :meth:`run` gets. For an editor (the default here) the floor is the same edit
+        of the same image under another seed: two edits that share nothing but the input and the prompt.
+        Finetuning mimics override it: the base model prompted as after finetuning, with no finetune.
+        """
+        if self.threat_model != "editing":
+            raise NotImplementedError(f"{type(self).__name__} defines no floor control")
+        from harness.seeding import derive_seed, make_generator
+
+        return self.run(images, make_generator(derive_seed(generator.initial_seed(), "floor")), ctx)
+
 
 class Metric(Component):
     """A per-image score of ``outputs`` against ``references`` (paired by position, same ids).
@@ -167,6 +182,8 @@ class Metric(Component):
     """
 
     higher_is_better: ClassVar[bool] = True
+    #: True when every value is 0 or 1 (a yes/no judgement): its intervals use the Jeffreys-smoothed bootstrap
+    binary: ClassVar[bool] = False
 
     @abstractmethod
     def per_image(self, outputs: ImageSet, references: ImageSet) -> torch.Tensor:

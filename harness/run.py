@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness.cache import ArtifactStore, atomic_write_text, canonical_json
 from harness.data import DataError
-from harness.pipeline import Experiment, RunResult, run_experiment
+from harness.pipeline import Experiment, RunResult, realised_linf, run_experiment
 from harness.protocols import ConfigError, Context
 from harness.provenance import provenance
 from harness.tables import write_tables
@@ -44,6 +44,8 @@ log = logging.getLogger("harness.run")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "experiments")
 ROW_SCHEMA = 1
 GROUPS = ("dataset", "model", "defense", "purifier", "mimic", "metrics")
+#: the controls a run can be (``control=...``); None is the configured defense itself
+CONTROLS = ("clean", "noise", "floor")
 
 
 class HarnessError(RuntimeError):
@@ -150,14 +152,78 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     )
 
 
-def run_id(result: RunResult) -> str:
-    return hashlib.sha256(canonical_json(result.stage_keys).encode()).hexdigest()[:20]
+def run_id(result: RunResult, labels: Mapping[str, str] | None = None) -> str:
+    """The row's id: a hash of its stage keys, and for a control also of the control and the defense it serves
+    (the clean control of two protections has the same stages but belongs to two audits)."""
+    key: Any = result.stage_keys
+    if labels and labels.get("control"):
+        key = {"stage_keys": result.stage_keys, "control": labels["control"], "defense": labels.get("defense")}
+    return hashlib.sha256(canonical_json(key).encode()).hexdigest()[:20]
+
+
+def control_of(cfg: DictConfig) -> str | None:
+    """The run's control (``control=clean|noise|floor``), or None for the configured defense itself."""
+    value = cfg.get("control")
+    if value is None:
+        return None
+    if value not in CONTROLS:
+        raise HarnessError(f"control must be null or one of {list(CONTROLS)}, got {value!r}")
+    return str(value)
+
+
+def _option_config(group: str, option: str, **values: Any) -> DictConfig:
+    """The config file ``experiments/<group>/<option>.yaml`` with ``values`` set."""
+    node = OmegaConf.load(Path(CONFIG_DIR) / group / f"{option}.yaml")
+    node.pop("defaults", None)
+    return OmegaConf.merge(node, values) if values else node
+
+
+def _as_control(
+    cfg: DictConfig, exp: Experiment, control: str, store: ArtifactStore, ctx: Context
+) -> tuple[Experiment, dict[str, Any]]:
+    """``exp`` turned into one of its controls. Returns the experiment and what the row records about it.
+
+    - ``clean`` (the positive control): no protection, the configured purifier and mimic;
+    - ``noise``: uniform noise whose L-inf bound is the configured defense's *realised* L-inf budget on these
+      images (its protect stage is run or found in the store first), the configured purifier and mimic;
+    - ``floor``: no protection, no purifier, the mimic's floor (:meth:`harness.protocols.Mimic.floor`).
+    """
+    configs = dict(exp.configs)
+    info: dict[str, Any] = {"kind": control}
+    if control == "noise":
+        linf = realised_linf(exp, store, ctx)
+        eps = round(linf * 255) / 255  # stored images are 8-bit: the realised budget is a whole number of levels
+        info.update(realised_linf=linf, eps=eps, matched_to=dict(configs["defense"] or {}))
+        node = _option_config("defense", "noise", eps=eps)
+    else:
+        node = _option_config("defense", "none")
+    configs["defense"] = _plain(node)
+    defense = _instantiate("defense", node)
+    purifier = exp.purifier
+    if control == "floor":
+        if exp.mimic is None:
+            raise HarnessError("control=floor needs a mimic (the floor is what the mimic gets with nothing useful)")
+        node = _option_config("purifier", "none")
+        configs["purifier"] = _plain(node)
+        purifier = _instantiate("purifier", node)
+    changed = Experiment(
+        dataset=exp.dataset,
+        defense=defense,
+        purifier=purifier,
+        mimic=exp.mimic,
+        metrics=exp.metrics,
+        model=exp.model,
+        seed=exp.seed,
+        configs=configs,
+        control="floor" if control == "floor" else None,
+    )
+    return changed, info
 
 
 def make_row(cfg: DictConfig, exp: Experiment, result: RunResult, labels: dict[str, str], device: str) -> dict:
     return {
         "schema": ROW_SCHEMA,
-        "run_id": run_id(result),
+        "run_id": run_id(result, labels),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "labels": labels,
         "seed": exp.seed,
@@ -189,21 +255,32 @@ def make_row(cfg: DictConfig, exp: Experiment, result: RunResult, labels: dict[s
 
 
 def run_from_config(
-    cfg: DictConfig, choices: Mapping[str, str] | None = None, overrides: Sequence[str] = ()
-) -> dict[str, Any]:
-    """Run one experiment from a composed config and write its result row. Returns the row."""
+    cfg: DictConfig,
+    choices: Mapping[str, str] | None = None,
+    overrides: Sequence[str] = (),
+    row_extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """Run one experiment from a composed config and write its result row. Returns the row, or None for a
+    floor control with a purifier (the floor uses none: that cell of a sweep is the ``purifier=none`` one).
+    ``row_extra``: more fields for the row (the audit records its role there)."""
     rt = cfg.runtime
     device = resolve_device(str(rt.device))
     if int(rt.batch_size) < 1:
         raise ConfigError(f"runtime.batch_size must be >= 1, got {rt.batch_size}")
+    control = control_of(cfg)
     applied = apply_option_overrides(cfg, choices)
     labels = _labels(cfg, choices, [*overrides, *applied])
+    labels["control"] = control or ""
+    if control == "floor" and labels["purifier"] != "none":
+        log.info("control=floor ignores the purifier: this cell is the purifier=none one; skipped")
+        return None
     exp = build_experiment(cfg)
     log.info(
-        "experiment: dataset=%s model=%s defense=%s purifier=%s mimic=%s seed=%d (device %s)",
+        "experiment: dataset=%s model=%s defense=%s%s purifier=%s mimic=%s seed=%d (device %s)",
         labels["dataset"],
         labels["model"],
         labels["defense"],
+        f" ({control} control)" if control else "",
         labels["purifier"],
         labels["mimic"],
         exp.seed,
@@ -211,8 +288,15 @@ def run_from_config(
     )
     ctx = Context(device=device, batch_size=int(rt.batch_size), model=exp.model, progress=_progress(bool(rt.progress)))
     store = ArtifactStore(rt.cache_dir)
+    control_info = None
+    if control is not None:
+        exp, control_info = _as_control(cfg, exp, control, store, ctx)
     result = run_experiment(exp, store, ctx)
     row = make_row(cfg, exp, result, labels, device)
+    if control_info is not None:
+        row["control"] = control_info
+    if row_extra:
+        row.update(row_extra)
     path = Path(rt.results_dir) / "runs" / f"{row['run_id']}.json"
     atomic_write_text(path, json.dumps(row, indent=1, sort_keys=False, allow_nan=True) + "\n")
     headline = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if not k.startswith("purified/"))
@@ -245,6 +329,8 @@ def main(cfg: DictConfig) -> dict[str, float]:
     choices = dict(hc.runtime.choices)
     try:
         row = run_from_config(cfg, choices=choices, overrides=list(hc.overrides.task))
+        if row is None:
+            return {}
     except (HarnessError, ConfigError) as err:
         log.error("error: %s", err)
         raise SystemExit(2) from None

@@ -5,7 +5,7 @@ Reads every row in ``<results_dir>/runs/*.json`` and writes ``<results_dir>/tabl
 images and seeds with a 95% interval from a two-level bootstrap (resample seeds, then images within each
 seed; 2000 resamples, fixed RNG, so the same rows always give the same table).
 
-    python -m harness.tables --results-dir results      # also rebuilds results/experiments/*/
+    python -m harness.tables --results-dir results      # also rebuilds results/experiments/*/ and audits/*/
 """
 
 from __future__ import annotations
@@ -23,22 +23,21 @@ import numpy as np
 import pandas as pd
 
 from harness.cache import atomic_write_text
+from harness.verdict import N_BOOTSTRAP, paired_bootstrap
 
 __all__ = [
     "load_rows",
     "summarize",
     "bootstrap_ci",
     "defense_objectives",
-    "interval_beats",
-    "interval_reaches",
+    "binary_metrics",
     "write_tables",
     "GROUP_COLUMNS",
 ]
 
 log = logging.getLogger(__name__)
 
-GROUP_COLUMNS = ["dataset", "model", "defense", "purifier", "mimic"]
-N_BOOTSTRAP = 2000
+GROUP_COLUMNS = ["dataset", "model", "defense", "control", "purifier", "mimic"]
 
 
 def load_rows(results_dir: str | Path) -> list[dict[str, Any]]:
@@ -58,35 +57,49 @@ def load_rows(results_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def bootstrap_ci(
-    values_by_seed: Sequence[Sequence[float]], n_boot: int = N_BOOTSTRAP, level: float = 0.95, seed: int = 0
+    values_by_seed: Sequence[Sequence[float]],
+    n_boot: int = N_BOOTSTRAP,
+    level: float = 0.95,
+    seed: int = 0,
+    binary: bool = False,
 ) -> tuple[float, float, float]:
-    """Mean and percentile interval of the pooled mean, resampling seeds and then images within seeds.
+    """Mean and percentile interval of the pooled mean, resampling seeds and then images within seeds (the
+    bootstrap of :func:`harness.verdict.paired_bootstrap` with one condition; ``binary``: Jeffreys-smoothed
+    replicates for yes/no values, so that 8 of 8 does not give [1, 1]).
 
     Args:
-        values_by_seed: one sequence of per-image values per seed.
+        values_by_seed: one sequence of per-image values per seed (NaN values do not count).
 
     Returns:
         (mean, low, high). With one seed and one image the interval is that value.
     """
-    groups = [np.asarray(v, dtype=np.float64) for v in values_by_seed]
-    groups = [g[~np.isnan(g)] for g in groups]  # undefined values (e.g. a ratio to a zero shift) do not count
-    groups = [g for g in groups if len(g)]
-    if not groups:
-        return math.nan, math.nan, math.nan
-    mean = float(np.mean(np.concatenate(groups)))
-    rng = np.random.default_rng(seed)
-    n_seeds = len(groups)
-    lengths = np.array([len(g) for g in groups])
-    picks = rng.integers(0, n_seeds, (n_boot, n_seeds))  # which seed fills each slot of each resample
-    total = np.zeros(n_boot)
-    for slot in range(n_seeds):
-        # for every seed, a fresh resample of its images in every bootstrap draw; keep the picked seed's
-        sums = np.stack([g[rng.integers(0, len(g), (n_boot, len(g)))].sum(axis=1) for g in groups], axis=1)
-        total += sums[np.arange(n_boot), picks[:, slot]]
-    boots = total / lengths[picks].sum(axis=1)
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(boots, [alpha, 1 - alpha])
-    return mean, float(lo), float(hi)
+    values = {s: {str(i): float(v) for i, v in enumerate(vs)} for s, vs in enumerate(values_by_seed)}
+    e = paired_bootstrap({"x": values}, lambda m: m["x"], binary=binary, n_boot=n_boot, level=level, seed=seed)
+    return e.value, e.low, e.high
+
+
+def binary_metrics(rows: list[dict[str, Any]]) -> set[str]:
+    """The result names (``<threat model>/<metric>``) of yes/no metrics in ``rows``: those whose configured
+    class declares ``binary = True`` (e.g. the zero-shot style match)."""
+    import importlib
+
+    out: set[str] = set()
+    seen: dict[str, bool] = {}
+    for row in rows:
+        metrics_cfg = (row.get("config") or {}).get("metrics") or {}
+        for name, node in metrics_cfg.items():
+            target = (node or {}).get("_target_") if isinstance(node, dict) else None
+            if not target:
+                continue
+            if target not in seen:
+                module, _, cls = target.rpartition(".")
+                try:
+                    seen[target] = bool(getattr(getattr(importlib.import_module(module), cls), "binary", False))
+                except (ImportError, AttributeError):
+                    seen[target] = False
+            if seen[target]:
+                out |= {m for m in [*row.get("per_image", {}), *row.get("set_metrics", {})] if m.endswith(f"/{name}")}
+    return out
 
 
 def summarize(rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, dict[str, bool]]:
@@ -100,6 +113,7 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, dict[str, bool]
     metric_names = sorted(
         {m for row in rows for m in [*row["per_image"], *row.get("set_metrics", {})]}, key=_metric_order
     )
+    binary = binary_metrics(rows)
     records = []
     for key in sorted(groups):
         members = groups[key]
@@ -108,53 +122,39 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, dict[str, bool]
         rec["images"] = max(len(r.get("image_ids", [])) for r in members)
         for m in metric_names:
             by_seed = [_values(r, m) for r in members if _values(r, m) is not None]
-            mean, lo, hi = bootstrap_ci(by_seed)
+            mean, lo, hi = bootstrap_ci(by_seed, binary=m in binary)
             rec[f"{m} mean"], rec[f"{m} ci_low"], rec[f"{m} ci_high"] = mean, lo, hi
         records.append(rec)
-    records.extend(_best_of_records(groups, metric_names, higher))
+    records.extend(_best_of_records(groups, metric_names, higher, binary))
     return pd.DataFrame.from_records(records), higher
 
 
 BEST_OF = "best-of"
 
 
-def interval_beats(a: Any, b: Any, metric: str, higher: bool) -> bool:
-    """True when row ``a``'s interval of ``metric`` lies wholly on the attacker's losing side of row ``b``'s
-    (``higher``: higher is better for the attacker). The rule by which a protection beats a baseline."""
-    if higher:
-        return bool(a[f"{metric} ci_high"] < b[f"{metric} ci_low"])
-    return bool(a[f"{metric} ci_low"] > b[f"{metric} ci_high"])
-
-
-def interval_reaches(a: Any, b: Any, metric: str, higher: bool) -> bool:
-    """True when row ``a``'s interval of ``metric`` reaches row ``b``'s from below (the attacker is as well off
-    as at ``b``): the rule by which a purifier restores what a protection took away."""
-    if higher:
-        return bool(a[f"{metric} ci_high"] >= b[f"{metric} ci_low"])
-    return bool(a[f"{metric} ci_low"] <= b[f"{metric} ci_high"])
-
-
 def _best_of_records(
-    groups: dict[tuple, list[dict[str, Any]]], metric_names: list[str], higher: dict[str, bool]
+    groups: dict[tuple, list[dict[str, Any]]], metric_names: list[str], higher: dict[str, bool], binary: set[str]
 ) -> list[dict[str, Any]]:
-    """The attacker's best purifier per image: for each dataset x model x defense x mimic with two or more
-    purifiers, each image's best success value over the purifiers (same seed, same image id), then the
-    same bootstrap. The worst case for the defense (BlurGuard's and Hönig et al.'s reporting)."""
+    """The attacker's best purifier per image: for each dataset x model x defense x control x mimic with two or
+    more purifiers, each image's best success value over the purifiers (same seed, same image id), then the
+    same bootstrap. The worst case for the defense (BlurGuard's and Hönig et al.'s reporting); compare it only
+    with another best-of over the same purifiers (a per-image maximum inflates any row)."""
     success = [m for m in metric_names if m.split("/", 1)[0] in ("editing", "mimicry")]
     by_cell: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
     for key, members in groups.items():
-        dataset, model, defense, purifier, mimic = key
+        dataset, model, defense, control, purifier, mimic = key
         if not mimic or mimic == "None":
             continue
-        by_cell.setdefault((dataset, model, defense, mimic), {})[purifier] = members
+        by_cell.setdefault((dataset, model, defense, control, mimic), {})[purifier] = members
     records = []
-    for (dataset, model, defense, mimic), purifiers in sorted(by_cell.items()):
+    for (dataset, model, defense, control, mimic), purifiers in sorted(by_cell.items()):
         if len(purifiers) < 2:
             continue
         rec: dict[str, Any] = {
             "dataset": dataset,
             "model": model,
             "defense": defense,
+            "control": control,
             "purifier": f"{BEST_OF} ({len(purifiers)})",
             "mimic": mimic,
         }
@@ -178,7 +178,7 @@ def _best_of_records(
                 if per_id:
                     by_seed.append([per_id[i] for i in sorted(per_id)])
             rec["images"] = max([rec["images"]] + [len(v) for v in by_seed])
-            rec[f"{m} mean"], rec[f"{m} ci_low"], rec[f"{m} ci_high"] = bootstrap_ci(by_seed)
+            rec[f"{m} mean"], rec[f"{m} ci_low"], rec[f"{m} ci_high"] = bootstrap_ci(by_seed, binary=m in binary)
         records.append(rec)
     return records
 
@@ -229,17 +229,20 @@ def to_markdown(table: pd.DataFrame, higher: dict[str, bool]) -> str:
 
 
 def defense_objectives(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """One line per dataset x model x defense: the defense's own objective on the clean images, on uniform
-    noise of the same budget and on the protected images (means over rows), and the realised budget.
+    """One line per dataset x model x defense x objective: the defense's own objective on the clean images, on
+    uniform noise of the same budget and on the protected images (means over rows), how far the protected
+    images moved it beyond noise in the defense's direction, with a paired bootstrap interval over seeds and
+    images, and the realised budget.
 
     A defense reports ``<objective>_clean``, ``<objective>_noise`` and ``<objective>_protected`` in its info,
-    plus ``<objective>_direction`` (+1 when it raises the objective). ``beats_noise`` says whether the protected
-    images moved the objective further, in the defense's direction, than noise of the same budget.
+    plus ``<objective>_direction`` (+1 when it raises the objective) and ``<objective>_per_image`` (the three
+    per image). ``beats noise`` is "yes" when the interval of direction x (protected - noise) lies above 0;
+    rows written before per-image objectives were recorded give no interval ("no interval").
     """
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         info = row.get("defense_info") or {}
-        if not any(k.endswith("_protected") for k in info):
+        if row["labels"].get("control") or not any(k.endswith("_protected") for k in info):
             continue
         key = tuple(row["labels"].get(c, "") for c in ("dataset", "model", "defense"))
         groups.setdefault(key, []).append(row)
@@ -255,8 +258,19 @@ def defense_objectives(rows: list[dict[str, Any]]) -> pd.DataFrame:
                 for part in ("clean", "noise", "protected")
             }
             direction = float(info0.get(f"{obj}_direction", info0.get("objective_direction", -1.0)))
-            moved_protected = direction * (vals["protected"] - vals["clean"])
-            moved_noise = direction * (vals["noise"] - vals["clean"])
+            per_image = {part: {} for part in ("noise", "protected")}
+            for r in members:
+                pi = r["defense_info"].get(f"{obj}_per_image") or {}
+                for part in per_image:
+                    if part in pi:
+                        per_image[part][r.get("seed")] = dict(zip(r["image_ids"], pi[part], strict=False))
+            if per_image["noise"] and per_image["protected"]:
+                beyond = paired_bootstrap(per_image, lambda m, d=direction: d * (m["protected"] - m["noise"]))
+                beyond_text = f"{_fmt(beyond.value)} [{_fmt(beyond.low)}, {_fmt(beyond.high)}]"
+                beats = "yes" if beyond.low > 0 else "no"
+            else:
+                beyond_text = _fmt(direction * (vals["protected"] - vals["noise"]))
+                beats = "no interval"
             budget = members[0].get("budget", {})
             records.append(
                 {
@@ -268,7 +282,8 @@ def defense_objectives(rows: list[dict[str, Any]]) -> pd.DataFrame:
                     "clean": vals["clean"],
                     "noise baseline": vals["noise"],
                     "protected": vals["protected"],
-                    "beats noise": bool(moved_protected > moved_noise),
+                    "beyond noise [95%]": beyond_text,
+                    "beats noise": beats,
                     "linf max (x255)": 255 * float(budget.get("linf_max", np.nan)),
                     "psnr": float(budget.get("psnr_mean", np.nan)),
                     "ssim": float(budget.get("ssim_mean", np.nan)),
@@ -354,9 +369,12 @@ def write_tables(results_dir: str | Path, cache_dir: str | Path | None = None) -
                 objectives,
                 (
                     "Each defense's own objective on the clean images, on uniform noise of the same L-inf budget, and on "
-                    "the protected images (same random draws for all three). `beats noise`: the protection moved its "
-                    "objective further than noise did. Budget columns: realised on the protected images. Generated by "
-                    "`python -m harness.tables`; do not edit."
+                    "the protected images (same random draws for all three). `beyond noise`: how far the protected "
+                    "images moved the objective beyond noise, in the defense's direction (positive: further than "
+                    "noise), mean over images and seeds with a 95% paired bootstrap interval; `beats noise`: that "
+                    "interval lies above 0 (`no interval`: rows written before per-image objectives were recorded). "
+                    "Budget columns: realised on the protected images. Generated by `python -m harness.tables`; do "
+                    "not edit."
                 ),
             ),
         )
@@ -386,6 +404,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the experiments that reproduce published tables keep their rows in <results-dir>/experiments/<name>/runs
     for runs in sorted((Path(args.results_dir) / "experiments").glob("*/runs")):
         write_tables(runs.parent, args.cache_dir)
+    # the audits' reports, re-rendered from their rows with the current verdict rules
+    from harness.audit import rebuild_reports
+
+    rebuild_reports(args.results_dir, args.cache_dir)
     print((out / "summary.md").read_text())
     return 0
 

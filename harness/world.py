@@ -698,6 +698,13 @@ class ProceduralArt:
         ]
         return ImageSet.from_uint8(arrays, ids=ids, captions=captions)
 
+    def held_out(self) -> ImageSet:
+        """The same artists' and subjects' images of the other split: artworks the mimic never trains on, the
+        reference set that set-level mimicry measures (KID, the set Gram distance) compare generations with."""
+        other = "eval" if self.split == "train" else "train"
+        twin = ProceduralArt(self.artists, self.subjects, self.per_pair, self.size, self.seed, other, self.template)
+        return twin.load()
+
 
 class WorldPhotos:
     """Random crops of the bundled sample photos, flipped and colour-jittered, captioned.

@@ -23,25 +23,56 @@ def audit_args(tmp_path, *options):
     return [*options, f"runtime.results_dir={tmp_path / 'R'}", f"runtime.cache_dir={tmp_path / 'C'}"]
 
 
-def test_audit_writes_a_report_with_verdict_tables_and_grids(tmp_path, capsys):
+def test_audit_writes_a_report_with_verdict_controls_tables_and_grids(tmp_path, capsys):
     args = audit_args(tmp_path, "defense=photoguard_encoder", "defense.steps=2", *FAST)
     assert main(args) == 0
     folder = tmp_path / "R" / "audits" / "photoguard_encoder-steps-2"
     report = (folder / "report.md").read_text()
-    assert "**Verdict.** editing:" in report and "## Budget actually used" in report
-    for role in ("| clean |", "| noise baseline |", "| protected |", "best-of (2)"):
+    assert "**Verdict (img2img[steps=4]).** editing" in report and "## Budget actually used" in report
+    assert "## Method" in report and "protection = (noise - protected) / (noise - floor)" in report
+    for role in ("| positive control (clean) |", "| floor |", "| noise baseline |", "| protected |", "best-of (2)"):
         assert role in report, role
+    assert "| protection (no purifier) |" in report and "| residual after jpeg |" in report
     assert "mimicry" not in report.split("## Summary")[1].split("##")[0]  # PhotoGuard claims editing only
     html = (folder / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 1 and "<table>" in html
     rows = [json.loads(p.read_text()) for p in (folder / "runs").glob("*.json")]
-    assert len(rows) == 4  # clean, noise baseline, protected x 2 purifiers
-    noise = next(r for r in rows if r["labels"]["defense"].startswith("noise"))
-    assert noise["budget"]["eps"] == pytest.approx(0.03)  # the baseline gets the protection's budget
+    roles = sorted((r["audit"]["role"], r["labels"]["purifier"]) for r in rows)
+    assert roles == [
+        ("clean", "none"),
+        ("floor", "none"),
+        ("noise", "jpeg"),
+        ("noise", "none"),
+        ("protected", "jpeg"),
+        ("protected", "none"),
+    ]
+    noise = [r for r in rows if r["audit"]["role"] == "noise"]
+    protected = next(r for r in rows if r["audit"]["role"] == "protected")
+    # the noise baseline gets the protection's realised budget on the same images
+    assert all(r["budget"]["eps"] == pytest.approx(round(255 * protected["budget"]["linf_max"]) / 255) for r in noise)
+    assert all(r["labels"]["defense"] == "photoguard_encoder[steps=2]" for r in rows)
+    floor = next(r for r in rows if r["audit"]["role"] == "floor")
+    assert floor["stage_keys"]["mimic"] != floor["stage_keys"]["mimic_clean"]  # another seed's edit
+    assert floor["metrics"]["editing/ssim"] < protected["metrics"]["editing/ssim"]
     # a second run computes nothing
     assert main(args) == 0
     again = [json.loads(p.read_text()) for p in (folder / "runs").glob("*.json")]
-    assert all(all(s["cached"] for s in r["stages"].values()) for r in again)
+    assert len(again) == 6 and all(all(s["cached"] for s in r["stages"].values()) for r in again)
+    # python -m harness.tables re-renders the report from the rows alone, to the same text
+    from harness.audit import rebuild_reports
+
+    before = (folder / "report.md").read_text()
+    (folder / "report.md").unlink()
+    rebuild_reports(tmp_path / "R", tmp_path / "C")
+    assert (folder / "report.md").read_text() == before
+
+
+def test_auditing_noise_reports_no_measurable_protection(tmp_path):
+    args = audit_args(tmp_path, "defense=noise", "defense.eps=0.004", *FAST, "~audit.threat_models.mimicry")
+    assert main(args) == 0
+    report = (tmp_path / "R" / "audits" / "noise-eps-0.004" / "report.md").read_text()
+    summary = report.split("## Summary")[1].split("## Method")[0]
+    assert "gives no measurable protection" in summary and "protects" not in summary
 
 
 def test_audit_errors_name_the_problem(tmp_path, capsys):
@@ -65,8 +96,7 @@ def test_budget_sweep_draws_success_against_budget(tmp_path):
     assert (folder / "budget_editing.png").stat().st_size > 1000
     report = (folder / "report.md").read_text()
     # 0.03 is the protection's own budget: that point is the protected run, not a second copy of it
-    assert report.count("| budget sweep |") == 2 and "![success vs budget](budget_editing.png)" in report
-    assert "not enough runs" not in report
+    assert report.count("| budget sweep (") == 2 and "![success vs budget](budget_editing.png)" in report
 
 
 def test_mimicry_audit_runs_finetunes_and_skips_editing(tmp_path):
@@ -75,7 +105,9 @@ def test_mimicry_audit_runs_finetunes_and_skips_editing(tmp_path):
         "defense=mist",
         "defense.steps=2",
         "audit.threat_models.mimicry.model=tiny-random",
-        "audit.threat_models.mimicry.overrides=['dataset.subjects=[house,tree]','mimic.steps=2','mimic.sample_steps=2','mimic.batch_size=2']",
+        "audit.threat_models.mimicry.seeds=[0,1]",
+        "audit.threat_models.mimicry.overrides=['dataset.subjects=[house,tree]','mimic.steps=2','mimic.sample_steps=2',"
+        "'mimic.batch_size=2','~metrics.kid_inception','~metrics.stlpips','~metrics.style_gram_distance']",
         "audit.purifiers=[none,jpeg]",
         "audit.grid_images=2",
         "runtime.progress=false",
@@ -83,8 +115,14 @@ def test_mimicry_audit_runs_finetunes_and_skips_editing(tmp_path):
     assert main(args) == 0
     folder = tmp_path / "R" / "audits" / "mist-steps-2"
     report = (folder / "report.md").read_text()
-    assert "**Verdict.** mimicry:" in report and "## Editing" not in report  # Mist claims mimicry only
+    assert "**Verdict (lora[" in report and "## Editing" not in report  # Mist claims mimicry only
     assert "mimicry/style_match" in report and list(folder.glob("grid_mimicry_lora*.png"))
     assert "mimic output on the clean images" in report  # the clean-trained mimic as the reference row
+    assert "floor: base model" in report
     rows = [json.loads(p.read_text()) for p in (folder / "runs").glob("*.json")]
-    assert len(rows) == 4 and all(len(r["image_ids"]) == 4 for r in rows)
+    assert len(rows) == 12 and all(len(r["image_ids"]) == 4 for r in rows)  # 6 roles x 2 finetune seeds
+    assert {r["seed"] for r in rows} == {0, 1}
+    floor = [r for r in rows if r["audit"]["role"] == "floor"]
+    clean = [r for r in rows if r["audit"]["role"] == "clean"]
+    # the floor samples the base model: it shares the data but not the finetuned mimic's outputs
+    assert {r["stage_keys"]["mimic"] for r in floor}.isdisjoint({r["stage_keys"]["mimic"] for r in clean})

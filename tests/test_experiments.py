@@ -25,10 +25,11 @@ def compose(overrides):
     return cfg
 
 
-def cells(name):
-    """Every cell of an experiment's own sweep, as override lists."""
+def cells(name, skip=("seed",)):
+    """Every cell of an experiment's own sweep, as override lists (without the ``skip`` parameters, which change
+    no component)."""
     params = compose([f"experiment={name}"]).hydra.sweeper.params
-    keys = list(params)
+    keys = [k for k in params if k not in skip]
     values = [str(params[k]).split(",") for k in keys]
     return [[f"{k}={v}" for k, v in zip(keys, combo, strict=True)] for combo in itertools.product(*values)]
 
@@ -39,9 +40,16 @@ def test_every_cell_of_the_published_experiments_builds(name):
 
     assert name in EXPERIMENTS
     todo = cells(name)
-    assert len(todo) == {"photoguard_table1": 10, "robust_mimicry": 50}[name]
+    # protections x edits or recipes (x purifiers) x the four roles: protected, clean, noise, floor
+    assert len(todo) == {"photoguard_table1": 32, "robust_mimicry": 120}[name]
+    params = compose([f"experiment={name}"]).hydra.sweeper.params
+    assert str(params["control"]) == "null,clean,noise,floor"
+    if name == "robust_mimicry":
+        assert len(str(params["seed"]).split(",")) >= 3  # several finetunes per cell
     seen_labels = set()
     for cell in todo:
+        if "control=floor" in cell and "purifier=none" not in cell and "purifier=" in " ".join(cell):
+            continue  # skipped at run time: the floor takes no purifier
         cfg = compose([f"experiment={name}", *cell])
         choices = dict(cfg.hydra.runtime.choices)
         with open_dict(cfg):
@@ -49,10 +57,16 @@ def test_every_cell_of_the_published_experiments_builds(name):
         labels = _labels(cfg, choices, [*cell, *apply_option_overrides(cfg, choices)])
         exp = build_experiment(cfg)  # every component's constructor validates its options
         assert exp.model.inpaint_source  # the inpainting cells use the family's inpainting checkpoint
-        seen_labels.add((labels["defense"], labels["purifier"], labels["mimic"]))
+        seen_labels.add((labels["defense"], cfg.control, labels["purifier"], labels["mimic"]))
         assert str(cfg.runtime.results_dir) == f"results/experiments/{name}"
         assert cfg.report.success.split("/")[0] in ("editing", "mimicry")
-    assert len(seen_labels) == len(todo)  # no two cells share a label
+    assert len(seen_labels) == len(
+        [
+            c
+            for c in todo
+            if not ("control=floor" in c and "purifier=none" not in c and any(x.startswith("purifier=") for x in c))
+        ]
+    )
 
 
 def test_option_overrides_touch_only_the_option_they_name():
@@ -109,9 +123,13 @@ def test_photoguard_table1_runs_with_one_command_then_comes_from_the_cache(tmp_p
     cmd = [sys.executable, "-m", "harness.run", *small]
     run(cmd)
     first = {p.name: json.loads(p.read_text()) for p in (results / "runs").glob("*.json")}
-    assert len(first) == 10
+    assert len(first) == 32  # 4 protections x 2 edits x (protected, clean, noise at its budget, floor)
     report = (results / "report.md").read_text()
-    assert "## Findings" in report and report.count("random-noise baseline") == 8  # 4 protections x 2 edits
+    findings = [line for line in report.splitlines() if line.startswith("- editing (")]
+    assert "## Findings" in report and len(findings) == 8  # 4 protections x 2 edits
+    assert "not measured" not in report.split("## Method")[0]  # every control ran
+    floors = [r for r in first.values() if r["labels"]["control"] == "floor"]
+    assert floors and all(r["stage_keys"]["mimic"] != r["stage_keys"]["mimic_clean"] for r in floors)
     assert (results / "tables" / "summary.md").is_file() and (results / "grid_inpaint-steps-3-.png").is_file()
     run(cmd)
     second = {p.name: json.loads(p.read_text()) for p in (results / "runs").glob("*.json")}

@@ -1,4 +1,5 @@
-"""Tables by hand: the attacker's best-of per image, NaN handling, and the defense-objective table."""
+"""Tables by hand: the attacker's best-of per image, NaN handling, yes/no intervals, the defense-objective table,
+and experiment reports whose findings come from the verdict rules."""
 
 import math
 
@@ -7,9 +8,16 @@ import pytest
 from harness.tables import bootstrap_ci, defense_objectives, summarize
 
 
-def _row(defense, purifier, values, seed=0, ids=("a", "b", "c"), info=None):
+def _row(defense, purifier, values, seed=0, ids=("a", "b", "c"), info=None, control=""):
     return {
-        "labels": {"dataset": "d", "model": "m", "defense": defense, "purifier": purifier, "mimic": "lora"},
+        "labels": {
+            "dataset": "d",
+            "model": "m",
+            "defense": defense,
+            "control": control,
+            "purifier": purifier,
+            "mimic": "lora",
+        },
         "seed": seed,
         "image_ids": list(ids),
         "per_image": {"mimicry/style_match": values, "budget/linf": [0.03] * len(values)},
@@ -35,12 +43,41 @@ def test_bootstrap_ignores_undefined_values():
     assert all(math.isnan(v) for v in bootstrap_ci([[float("nan")]]))
 
 
-def test_defense_objective_table_says_whether_the_defense_beats_noise():
-    info = {"latent_protected": 40.0, "latent_clean": 50.0, "latent_noise": 49.5, "latent_direction": -1.0}
+def test_yes_no_metrics_get_intervals_that_do_not_collapse():
+    rows = [_row("mist", "none", [1, 1, 1]), _row("mist", "none", [1, 1, 1], seed=1)]
+    table, _ = summarize(rows)
+    plain = table.iloc[0]
+    assert plain["mimicry/style_match ci_low"] == 1.0  # a continuous metric's percentile bootstrap
+    for r in rows:
+        r["config"] = {"metrics": {"style_match": {"_target_": "harness.metrics.clip.StyleMatch"}}}
+    table, _ = summarize(rows)
+    judged = table.iloc[0]
+    assert judged["mimicry/style_match mean"] == 1.0
+    assert 0.6 < judged["mimicry/style_match ci_low"] < 0.95  # StyleMatch declares binary = True
+
+
+def test_defense_objective_table_gives_the_difference_from_noise_an_interval():
+    def per_image(clean, noise, protected):
+        return {"clean": clean, "noise": noise, "protected": protected}
+
+    pg = {"latent_protected": 40.0, "latent_clean": 50.0, "latent_noise": 49.5, "latent_direction": -1.0}
+    pg["latent_per_image"] = per_image([50.0, 50.0, 50.0], [49.5, 49.4, 49.6], [40.0, 41.0, 39.0])
     weak = {"loss_protected": 0.101, "loss_clean": 0.1, "loss_noise": 0.105, "loss_direction": 1.0}
-    table = defense_objectives([_row("pg", "none", [1, 1, 1], info=info), _row("weak", "none", [1, 1, 1], info=weak)])
+    weak["loss_per_image"] = per_image([0.1] * 3, [0.104, 0.105, 0.106], [0.100, 0.101, 0.102])
+    old = {"loss_protected": 0.2, "loss_clean": 0.1, "loss_noise": 0.1, "loss_direction": 1.0}  # no per-image values
+    table = defense_objectives(
+        [
+            _row("pg", "none", [1, 1, 1], info=pg),
+            _row("weak", "none", [1, 1, 1], info=weak),
+            _row("old", "none", [1, 1, 1], info=old),
+            _row("pg", "none", [1, 1, 1], info={**pg, "latent_protected": 0.0}, control="noise"),  # controls skipped
+        ]
+    )
     got = dict(zip(table["defense"], table["beats noise"], strict=True))
-    assert got == {"pg": True, "weak": False}
+    assert got == {"pg": "yes", "weak": "no", "old": "no interval"}
+    pg_line = table[table["defense"] == "pg"].iloc[0]
+    assert pg_line["protected"] == 40.0
+    assert pg_line["beyond noise [95%]"].startswith("9.50")  # -1 x (40 - 49.5), averaged per image
 
 
 def test_purification_table_sets_each_purifier_beside_its_distortion_on_clean_images():
@@ -74,18 +111,23 @@ def test_purification_table_sets_each_purifier_beside_its_distortion_on_clean_im
 def _experiment_rows(layout):
     spec = {"title": "t", "layout": layout, "baseline": "noise", "success": "mimicry/style_match"}
     ids = tuple(f"i{k}" for k in range(8))
-    cells = {  # (defense, purifier): per-image success
-        ("none", "none"): [1] * 8,
-        ("noise", "none"): [1] * 7 + [0],
-        ("mist", "none"): [0] * 8,  # beats noise, wholly below its interval
-        ("mist", "jpeg"): [0] * 8,
-        ("mist", "upscale"): [1] * 6 + [0, 0],  # restores mimicry
-        ("glaze", "none"): [1] * 6 + [0, 0],  # does not beat noise
-        ("glaze", "jpeg"): [1] * 6 + [0, 0],
+    cells = {  # (defense, control, purifier): per-image success
+        ("mist", "clean", "none"): [1] * 8,
+        ("mist", "floor", "none"): [0] * 8,
+        ("mist", "noise", "none"): [1] * 7 + [0],
+        ("mist", "noise", "jpeg"): [1] * 7 + [0],
+        ("mist", "noise", "upscale"): [1] * 8,
+        ("mist", "", "none"): [0] * 8,  # down to the floor: protects
+        ("mist", "", "jpeg"): [0] * 8,
+        ("mist", "", "upscale"): [1] * 8,  # restores mimicry: broken by upscale
+        ("glaze", "clean", "none"): [1] * 8,
+        ("glaze", "floor", "none"): [0] * 8,
+        ("glaze", "noise", "none"): [1] * 7 + [0],
+        ("glaze", "", "none"): [1] * 7 + [0],  # no better than noise
     }
     rows = []
-    for (d, p), v in cells.items():
-        r = _row(d, p, v, ids=ids)
+    for (d, c, p), v in cells.items():
+        r = _row(d, p, v, ids=ids, control=c)
         r["config"] = {"report": spec, "runtime": {"results_dir": "results/experiments/demo"}}
         r["created"] = "2026-01-01T00:00:00+00:00"
         r["stage_keys"] = {}
@@ -93,25 +135,35 @@ def _experiment_rows(layout):
     return rows
 
 
-def test_experiment_report_matrix_and_findings_follow_the_intervals(tmp_path):
+def test_experiment_report_findings_follow_the_verdict_rules(tmp_path):
     from harness.experiment_report import write_experiment_report
 
     report = write_experiment_report(tmp_path, _experiment_rows("matrix"), cache_dir=None).read_text()
-    assert "experiment=demo" in report
-    lines = [line for line in report.splitlines() if line.startswith("- lora:")]
-    mist = next(line for line in lines if "lora: mist" in line)
-    glaze = next(line for line in lines if "lora: glaze" in line)
-    assert "mist beats the random-noise baseline" in mist and "best single purifier upscale" in mist
-    assert mist.endswith("a purifier restores mimicry to the noise baseline's level.")
-    assert "restores" not in glaze  # nothing to restore when the protection does not work
-    assert "glaze does not beat" in glaze
-    # one matrix line per protection: clean first, then the baseline, with the best-of column last
-    matrix = [line for line in report.splitlines() if line.startswith("| mist |")]
-    assert matrix and matrix[0].split("|")[-2].strip().startswith("0.750")  # best of jpeg/none/upscale per image
+    assert "experiment=demo" in report and "## Method" in report
+    findings = [line for line in report.splitlines() if line.startswith("- mimicry (lora):")]
+    mist = next(line for line in findings if "mist protects" in line)
+    glaze = next(line for line in findings if "glaze" in line)
+    assert "broken by upscale" in mist and "protection 1.000" in mist
+    assert "glaze gives no measurable protection" in glaze and "broken" not in glaze
+    assert "| lora | mist | protects |" in report and "| lora | glaze | no measurable protection |" in report
+    # the matrix: the controls first, each protection beside its own noise baseline, the best-of column last
+    mist_line = next(line for line in report.splitlines() if line.startswith("| mist |"))
+    assert mist_line.split("|")[-2].strip().startswith("1.000")  # the best of none/jpeg/upscale per image
+    labels = [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| ")]
+    assert labels.index("positive control (clean)") < labels.index("floor") < labels.index("mist: noise at its budget")
     assert (tmp_path / "report.html").is_file()
     # the same rows give the same report, byte for byte
     again = write_experiment_report(tmp_path, _experiment_rows("matrix"), cache_dir=None).read_text()
     assert again == report
+
+
+def test_experiment_report_without_floor_says_not_measured(tmp_path):
+    from harness.experiment_report import write_experiment_report
+
+    rows = [r for r in _experiment_rows("matrix") if r["labels"]["control"] != "floor"]
+    report = write_experiment_report(tmp_path, rows, cache_dir=None).read_text()
+    assert "no verdict on mist: not measured in these rows: the floor" in report
+    assert "protects" not in report.split("## Method")[0]
 
 
 def test_experiment_report_rejects_an_unknown_layout(tmp_path):
