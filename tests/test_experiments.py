@@ -109,7 +109,7 @@ def test_photoguard_table1_runs_with_one_command_then_comes_from_the_cache(tmp_p
         f"runtime.results_dir={results}",
         f"runtime.cache_dir={cache}",
         "runtime.progress=false",
-        "dataset.names=['skimage/astronaut','skimage/camera','skimage/chelsea','skimage/coffee','skimage/rocket']",
+        "dataset.names=['skimage/astronaut','skimage/camera','skimage/chelsea']",
         "mimic.steps=3",
         "+option_overrides.defense.photoguard_encoder={steps: 2}",
         "+option_overrides.defense.photoguard_encoder_inpaint={steps: 2}",
@@ -117,16 +117,21 @@ def test_photoguard_table1_runs_with_one_command_then_comes_from_the_cache(tmp_p
         "option_overrides.defense.photoguard_diffusion_inpaint.steps=1",
         "option_overrides.defense.photoguard_diffusion.grad_repeats=1",
         "option_overrides.defense.photoguard_diffusion_inpaint.grad_repeats=1",
+        # one of the four protections, and no Inception features (their metrics have tests of their own)
+        "defense=photoguard_encoder_inpaint",
+        "~metrics.kid_inception",
+        "~metrics.fid_inception",
+        "~metrics.precision_inception",
     ]
     import sys
 
     cmd = [sys.executable, "-m", "harness.run", *small]
     run(cmd)
     first = {p.name: json.loads(p.read_text()) for p in (results / "runs").glob("*.json")}
-    assert len(first) == 32  # 4 protections x 2 edits x (protected, clean, noise at its budget, floor)
+    assert len(first) == 8  # 2 edits x (protected, clean, noise at its budget, floor)
     report = (results / "report.md").read_text()
     findings = [line for line in report.splitlines() if line.startswith("- editing (")]
-    assert "## Findings" in report and len(findings) == 8  # 4 protections x 2 edits
+    assert "## Findings" in report and len(findings) == 2  # one per edit
     assert "not measured" not in report.split("## Method")[0]  # every control ran
     floors = [r for r in first.values() if r["labels"]["control"] == "floor"]
     assert floors and all(r["stage_keys"]["mimic"] != r["stage_keys"]["mimic_clean"] for r in floors)
