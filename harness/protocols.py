@@ -105,7 +105,8 @@ class DefenseOutput:
     Attributes:
         images: the protected images (same ids, captions and size as the input).
         info: flat map of numbers describing the optimisation, e.g. ``objective_before`` and
-            ``objective_after`` (a row shows that the protection did what it claims on its target model).
+            ``objective_after`` (a row shows that the protection did what it claims on its target model);
+            ``<objective>_per_image`` entries map "clean", "noise" and "protected" to one value per image.
     """
 
     images: ImageSet

@@ -119,7 +119,12 @@ def test_defense_contract(name, tmp_path):
     assert prot.images.shape == clean.images.shape and prot.images.dtype == torch.float32
     assert 0 <= prot.images.min() and prot.images.max() <= 1
     assert prot.ids == clean.ids and prot.captions == clean.captions
-    assert all(isinstance(v, float) for v in out.info.values()), out.info
+    for k, v in out.info.items():  # numbers; an objective's per-image values: lists of floats, one per image
+        if k.endswith("_per_image"):
+            assert set(v) == {"clean", "noise", "protected"} and all(len(x) == len(clean) for x in v.values()), k
+            assert all(isinstance(x, float) for xs in v.values() for x in xs), k
+        else:
+            assert isinstance(v, float), (k, v)
     q = prot.quantized()
     diff = q.images - clean.images
     if defense.eps is not None:
