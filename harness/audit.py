@@ -35,7 +35,7 @@ from typing import Any
 from harness.cache import ArtifactStore, atomic_write_bytes, atomic_write_text, load_imageset
 from harness.protocols import ConfigError
 from harness.report import html_page, save_grid
-from harness.run import CONFIG_DIR, HarnessError, run_from_config
+from harness.run import HarnessError, compose_config, run_from_config
 from harness.tables import binary_metrics, bootstrap_ci, defense_objectives, load_rows
 from harness.verdict import Verdict, controls_from_rows, judge, method_note, role_of
 
@@ -52,19 +52,6 @@ ROLE_NAMES = {
     "protected": "protected",
     "budget sweep": "budget sweep",
 }
-
-
-def _compose(overrides: Sequence[str]):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
-    from omegaconf import open_dict
-
-    choices = dict(cfg.hydra.runtime.choices)
-    with open_dict(cfg):
-        del cfg["hydra"]  # job-time fields (sweep dirs) do not resolve outside a Hydra job
-    return cfg, choices
 
 
 def _split(overrides: Sequence[str]) -> tuple[list[str], list[str], str]:
@@ -217,7 +204,7 @@ def run_audit(overrides: Sequence[str]) -> Path:
     import hydra
 
     defense_opts, common, defense_name = _split(overrides)
-    cfg, _ = _compose([*common, f"defense={defense_name}", *defense_opts])
+    cfg, _ = compose_config([*common, f"defense={defense_name}", *defense_opts])
     audit = cfg.audit
     try:
         defense = hydra.utils.instantiate(cfg.defense, _convert_="all")
@@ -245,7 +232,7 @@ def run_audit(overrides: Sequence[str]) -> Path:
     log.info("audit of %s: %d runs over %s (rows in %s)", label, len(cells), ", ".join(tms), out / "runs")
     for k, (tm, role, cell) in enumerate(cells, 1):
         cell_overrides = [*common, *cell, f"runtime.results_dir='{out}'"]
-        cfg_k, choices = _compose(cell_overrides)
+        cfg_k, choices = compose_config(cell_overrides)
         print(
             f"[audit {k}/{len(cells)}] {tm}: {ROLE_NAMES[role]}: "
             + " ".join(o for o in cell if not o.startswith(("defense=", "control="))),

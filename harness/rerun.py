@@ -85,8 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not rows:
         print(f"error: no row in {results / 'runs'} matches {args.where}", file=sys.stderr)
         return 2
-    from harness.audit import _compose
-    from harness.run import run_from_config
+    from harness.run import compose_config, run_from_config
     from harness.tables import write_tables
 
     for k, row in enumerate(rows, 1):
@@ -99,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[rerun {k}/{len(rows)}] {' '.join(overrides[:-3])}", file=sys.stderr, flush=True)
         if args.dry_run:
             continue
-        cfg, choices = _compose(overrides)
+        cfg, choices = compose_config(overrides)
         new = run_from_config(cfg, choices=choices, overrides=overrides)
         if new is not None and new["run_id"] != row["run_id"]:
             (results / "runs" / f"{row['run_id']}.json").unlink(missing_ok=True)

@@ -152,6 +152,18 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     )
 
 
+def compose_config(overrides: Sequence[str]) -> tuple[DictConfig, dict[str, str]]:
+    """The config ``python -m harness.run <overrides>`` would run, outside a Hydra job, and its group choices."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    choices = dict(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]  # job-time fields (sweep dirs) do not resolve outside a Hydra job
+    return cfg, choices
+
+
 def run_id(result: RunResult, labels: Mapping[str, str] | None = None) -> str:
     """The row's id: a hash of its stage keys, and for a control also of the control and the defense it serves
     (the clean control of two protections has the same stages but belongs to two audits)."""
