@@ -68,7 +68,7 @@ def test_audit_writes_a_report_with_verdict_controls_tables_and_grids(tmp_path, 
 
 
 def test_auditing_noise_reports_no_measurable_protection(tmp_path):
-    args = audit_args(tmp_path, "defense=noise", "defense.eps=0.004", *FAST, "~audit.threat_models.mimicry")
+    args = audit_args(tmp_path, "defense=noise", "defense.eps=0.004", *FAST)
     assert main(args) == 0
     report = (tmp_path / "R" / "audits" / "noise-eps-0.004" / "report.md").read_text()
     summary = report.split("## Summary")[1].split("## Method")[0]
