@@ -243,27 +243,17 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
         s_mimic = derive_seed(exp.seed, "mimic")
         mimic_cfg = {"mimic": cfg["mimic"], **_model_cfg(exp.mimic, exp)}
         if exp.control == "floor":  # the attacker with nothing useful: no finetune, or another seed's edit
-            k_mimic = stage_key(
-                "mimic", {"data": k_data}, {**mimic_cfg, "control": "floor"}, exp.mimic.version, s_mimic
-            )
-            outputs, rec["mimic"] = _stage_images(
-                store,
-                "mimic",
-                k_mimic,
-                s_mimic,
+            parents, mimic_key_cfg, label = (
+                {"data": k_data},
+                {**mimic_cfg, "control": "floor"},
                 f"{exp.mimic.name} (floor)",
-                lambda: (exp.mimic.floor(clean, make_generator(s_mimic), ctx), {}),
             )
+            attack = lambda: (exp.mimic.floor(clean, make_generator(s_mimic), ctx), {})  # noqa: E731
         else:
-            k_mimic = stage_key("mimic", {"purify": k_purify}, mimic_cfg, exp.mimic.version, s_mimic)
-            outputs, rec["mimic"] = _stage_images(
-                store,
-                "mimic",
-                k_mimic,
-                s_mimic,
-                exp.mimic.name,
-                lambda: (exp.mimic.run(purified, make_generator(s_mimic), ctx), {}),
-            )
+            parents, mimic_key_cfg, label = {"purify": k_purify}, mimic_cfg, exp.mimic.name
+            attack = lambda: (exp.mimic.run(purified, make_generator(s_mimic), ctx), {})  # noqa: E731
+        k_mimic = stage_key("mimic", parents, mimic_key_cfg, exp.mimic.version, s_mimic)
+        outputs, rec["mimic"] = _stage_images(store, "mimic", k_mimic, s_mimic, label, attack)
         if exp.mimic.threat_model == "editing":
             k_ref = stage_key("mimic", {"data": k_data}, mimic_cfg, exp.mimic.version, s_mimic)
             references, rec["mimic_clean"] = _stage_images(

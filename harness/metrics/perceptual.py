@@ -274,7 +274,20 @@ def _check_normalisation(option: str, normalisation: str) -> str:
 
 
 class _GramFeatures(_VGGMetric):
+    """Gram matrices of the trunk's features; the options of both Gram distances (validated under their name)."""
+
     layers: tuple[str, ...]
+
+    def __init__(
+        self,
+        layers: Sequence[str] = ("relu1_2", "relu2_2", "relu3_3", "relu4_3"),
+        normalisation: str = "energy",
+        weights: str | None = None,
+        batch_size: int = 8,
+    ):
+        self.layers = _check_layers(self.name, layers)
+        self.normalisation = _check_normalisation(self.name, normalisation)
+        self._setup(self.name, weights, batch_size)
 
     def grams(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Per-image Gram matrices, one (N, C, C) tensor per configured layer."""
@@ -336,17 +349,6 @@ class StyleGramDistance(_GramFeatures, Metric):
     version = "1"
     higher_is_better = False
 
-    def __init__(
-        self,
-        layers: Sequence[str] = ("relu1_2", "relu2_2", "relu3_3", "relu4_3"),
-        normalisation: str = "energy",
-        weights: str | None = None,
-        batch_size: int = 8,
-    ):
-        self.layers = _check_layers("style_gram_distance", layers)
-        self.normalisation = _check_normalisation("style_gram_distance", normalisation)
-        self._setup("style_gram_distance", weights, batch_size)
-
     def per_image(self, outputs: ImageSet, references: ImageSet) -> torch.Tensor:
         if len(outputs) == 0:
             return torch.zeros(0, dtype=torch.float64)
@@ -365,17 +367,6 @@ class StyleGramSetDistance(_GramFeatures, SetMetric):
     name = "style_gram_set_distance"
     version = "1"
     higher_is_better = False
-
-    def __init__(
-        self,
-        layers: Sequence[str] = ("relu1_2", "relu2_2", "relu3_3", "relu4_3"),
-        normalisation: str = "energy",
-        weights: str | None = None,
-        batch_size: int = 8,
-    ):
-        self.layers = _check_layers("style_gram_set_distance", layers)
-        self.normalisation = _check_normalisation("style_gram_set_distance", normalisation)
-        self._setup("style_gram_set_distance", weights, batch_size)
 
     def value(self, outputs: ImageSet, references: ImageSet) -> float:
         if len(outputs) == 0 or len(references) == 0:
