@@ -126,3 +126,22 @@ def test_mimicry_audit_runs_finetunes_and_skips_editing(tmp_path):
     clean = [r for r in rows if r["audit"]["role"] == "clean"]
     # the floor samples the base model: it shares the data but not the finetuned mimic's outputs
     assert {r["stage_keys"]["mimic"] for r in floor}.isdisjoint({r["stage_keys"]["mimic"] for r in clean})
+
+
+def test_a_folder_of_the_users_art_is_measured_with_any_art_metrics():
+    from harness.audit import _cells, _success_metric
+    from harness.run import compose_config
+
+    cfg, _ = compose_config(["defense=mist"])
+    cells = _cells(cfg.audit, "mist", [], cfg.defense.eps, ["mimicry"], ["dataset=folder", "dataset.path=/art"])
+    assert cells and all("metrics=mimicry_any_art" in cell for _, _, cell in cells)
+    embedded = _cells(cfg.audit, "mist", [], cfg.defense.eps, ["mimicry"], [])
+    assert all("metrics=mimicry" in cell for _, _, cell in embedded)
+    assert len({c[2][-1] for c in embedded if c[1] == "floor"}) == 1  # the floor takes no purifier
+    assert sorted({int(o.split("=")[1]) for _, _, cell in embedded for o in cell if o.startswith("seed=")}) == [0, 1, 2]
+    # the verdict reads the configured success metric, or the any-art one where the judge did not run
+    spec = cfg.audit.threat_models.mimicry
+    rows = [{"per_image": {"mimicry/style_gram_distance": [1.0]}}]
+    assert _success_metric(rows, "mimicry", spec) == "mimicry/style_gram_distance"
+    rows = [{"per_image": {"mimicry/style_match": [1.0], "mimicry/style_gram_distance": [1.0]}}]
+    assert _success_metric(rows, "mimicry", spec) == "mimicry/style_match"
