@@ -166,8 +166,8 @@ def write_experiment_report(
         md += [
             "Not reported: "
             + ", ".join(f"`{_short(c)}`" for c in refused)
-            + " (every run refused it: a Fréchet distance needs more images per set than the feature dimension "
-            "supports, see harness/metrics/distribution.py; KID is unbiased at any set size).",
+            + " (every run refused it: FID and precision need more images per set than the features have "
+            "dimensions, see harness/metrics/distribution.py; KID is unbiased at any set size).",
             "",
         ]
     by_label: dict[tuple[str, str, str, str], dict[str, Any]] = {}

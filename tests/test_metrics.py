@@ -48,8 +48,10 @@ def test_fid_matches_a_hand_computation_and_is_zero_for_identical_sets():
 
 
 def test_precision_matches_a_hand_computation_of_the_k_nn_balls():
-    x, y = _art("cyanora", 10), _art("impastel", 10)
-    mixed = ImageSet(torch.cat([x.images[:5], y.images[:5]]), x.ids, x.captions)
+    # more images than tiny-clip's 128 feature dimensions: 13 renderings x 10 subjects per artist
+    x = ProceduralArt(artists=["cyanora"], per_pair=13, size=64, seed=0).load()
+    y = ImageSet(ProceduralArt(artists=["impastel"], per_pair=13, size=64, seed=0).load().images, x.ids, x.captions)
+    mixed = ImageSet(torch.cat([x.images[:65], y.images[65:]]), x.ids, x.captions)
     fr, fo = extract_features(x.images).double(), extract_features(mixed.images).double()
     d_rr = torch.cdist(fr, fr)
     radius = d_rr.sort(dim=1).values[:, 3]  # k = 3 (column 0 is the point itself)
@@ -57,9 +59,11 @@ def test_precision_matches_a_hand_computation_of_the_k_nn_balls():
     assert Precision().value(mixed, x) == pytest.approx(by_hand)
     assert Precision().value(x, x) == 1.0
     assert Precision().value(y, x) < 0.5  # another artist lies mostly outside cyanora's manifold
+    x10 = x.select(slice(0, 10))
+    assert np.isnan(Precision().value(x10, x10))  # 10 images in 128 dimensions: refused
     with pytest.raises(ConfigError, match="nearest_k"):
         Precision(nearest_k=0)
-    assert np.isnan(Precision(nearest_k=5).value(x, x))  # 10 images < 2k + 1: refused
+    assert np.isnan(Precision(nearest_k=70).value(x, x))  # 130 images < 2k + 1: refused
 
 
 def test_clip_similarities_prefer_the_right_prompt_and_artist():

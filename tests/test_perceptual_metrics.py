@@ -293,8 +293,9 @@ def test_fid_refuses_too_few_images_for_the_feature_dimension(caplog):
 
 def test_precision_refuses_fewer_than_2k_plus_1_images(caplog):
     assert not precision_supported(6, 3) and precision_supported(7, 3)
+    assert not precision_supported(17, 3, dim=2048) and precision_supported(2049, 3, dim=2048)
     x = _art("cyanora", 6)
     with caplog.at_level(logging.WARNING, logger="harness.metrics.distribution"):
         assert np.isnan(Precision(features="inception-fid", nearest_k=3).value(x, x))
-    assert "needs at least 7 images per set; 6 given" in caplog.text
-    assert Precision(features="inception-fid", nearest_k=2).value(x, x) == 1.0
+    assert "needs at least 7 images per set" in caplog.text and "6 given" in caplog.text
+    assert np.isnan(Precision(features="inception-fid", nearest_k=2).value(x, x))  # 6 images in 2048 dimensions
