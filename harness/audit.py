@@ -37,7 +37,7 @@ from harness.protocols import ConfigError
 from harness.report import html_page, save_grid
 from harness.run import HarnessError, compose_config, run_from_config
 from harness.tables import binary_metrics, bootstrap_ci, defense_objectives, load_rows
-from harness.verdict import Verdict, controls_from_rows, judge, method_note, role_of
+from harness.verdict import Verdict, best_of, controls_from_rows, judge, method_note, role_of, values_of
 
 log = logging.getLogger("harness.audit")
 
@@ -147,9 +147,8 @@ def _fmt_ci(e: Any) -> str:
 
 
 def _row_mean(rows: list[dict[str, Any]], metric: str, binary: bool = False) -> tuple[float, float, float]:
-    by_seed = [r["per_image"][metric] for r in rows if metric in r.get("per_image", {})]
-    by_seed += [[r["set_metrics"][metric]] for r in rows if metric in r.get("set_metrics", {})]
-    return bootstrap_ci(by_seed, binary=binary) if by_seed else (math.nan, math.nan, math.nan)
+    values = values_of(rows, metric)
+    return bootstrap_ci(values, binary=binary) if values else (math.nan, math.nan, math.nan)
 
 
 def _grid(
@@ -442,15 +441,10 @@ def _success_table(
         purifiers = sorted({r["labels"]["purifier"] for r in members})
         if len(purifiers) < 2:
             continue
-        best = {}
-        for r in members:
-            for i, val in zip(r["image_ids"], r["per_image"].get(success, []), strict=False):
-                k = (r["seed"], i)
-                best[k] = val if k not in best else (max if higher else min)(best[k], val)
-        by_seed: dict[Any, list[float]] = {}
-        for (s, _), val in sorted(best.items(), key=lambda kv: str(kv[0])):
-            by_seed.setdefault(s, []).append(val)
-        est = bootstrap_ci(list(by_seed.values()), binary=success in binary)
+        by_seed = best_of(
+            [values_of([r for r in members if r["labels"]["purifier"] == p], success) for p in purifiers], higher
+        )
+        est = bootstrap_ci(by_seed, binary=success in binary)
         out.append(
             f"| {ROLE_NAMES[role]} | best-of ({len(purifiers)}) | **{_fmt_ci(est)}** | {len(by_seed)} | - | - | - |"
         )

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from harness.cache import atomic_write_text
-from harness.verdict import N_BOOTSTRAP, paired_bootstrap
+from harness.verdict import N_BOOTSTRAP, best_of, paired_bootstrap, values_of
 
 __all__ = [
     "load_rows",
@@ -57,7 +57,7 @@ def load_rows(results_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def bootstrap_ci(
-    values_by_seed: Sequence[Sequence[float]],
+    values_by_seed: Sequence[Sequence[float]] | Mapping[Any, Mapping[str, float]],
     n_boot: int = N_BOOTSTRAP,
     level: float = 0.95,
     seed: int = 0,
@@ -68,12 +68,16 @@ def bootstrap_ci(
     replicates for yes/no values, so that 8 of 8 does not give [1, 1]).
 
     Args:
-        values_by_seed: one sequence of per-image values per seed (NaN values do not count).
+        values_by_seed: seed -> image id -> value (the verdicts' form: the same values give the same interval
+            there and here), or one sequence of per-image values per seed. NaN values do not count.
 
     Returns:
         (mean, low, high). With one seed and one image the interval is that value.
     """
-    values = {s: {str(i): float(v) for i, v in enumerate(vs)} for s, vs in enumerate(values_by_seed)}
+    if isinstance(values_by_seed, Mapping):
+        values = {s: {str(i): float(v) for i, v in d.items()} for s, d in values_by_seed.items()}
+    else:
+        values = {s: {str(i): float(v) for i, v in enumerate(vs)} for s, vs in enumerate(values_by_seed)}
     e = paired_bootstrap({"x": values}, lambda m: m["x"], binary=binary, n_boot=n_boot, level=level, seed=seed)
     return e.value, e.low, e.high
 
@@ -121,8 +125,7 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, dict[str, bool]
         rec["seeds"] = len({r.get("seed") for r in members})
         rec["images"] = max(len(r.get("image_ids", [])) for r in members)
         for m in metric_names:
-            by_seed = [_values(r, m) for r in members if _values(r, m) is not None]
-            mean, lo, hi = bootstrap_ci(by_seed, binary=m in binary)
+            mean, lo, hi = bootstrap_ci(values_of(members, m), binary=m in binary)
             rec[f"{m} mean"], rec[f"{m} ci_low"], rec[f"{m} ci_high"] = mean, lo, hi
         records.append(rec)
     records.extend(_best_of_records(groups, metric_names, higher, binary))
@@ -165,31 +168,11 @@ def _best_of_records(
             if m not in success:
                 rec[f"{m} mean"] = rec[f"{m} ci_low"] = rec[f"{m} ci_high"] = math.nan
                 continue
-            pick = max if higher.get(m, True) else min
-            by_seed = []
-            for seed in seeds:
-                per_id: dict[str, float] = {}
-                for rows in purifiers.values():
-                    for r in rows:
-                        if r.get("seed") != seed or m not in r["per_image"]:
-                            continue
-                        for i, v in zip(r.get("image_ids", []), r["per_image"][m], strict=False):
-                            per_id[i] = v if i not in per_id else pick(per_id[i], v)
-                if per_id:
-                    by_seed.append([per_id[i] for i in sorted(per_id)])
-            rec["images"] = max([rec["images"]] + [len(v) for v in by_seed])
+            by_seed = best_of([values_of(rows, m) for rows in purifiers.values()], higher.get(m, True))
+            rec["images"] = max([rec["images"]] + [len(v) for v in by_seed.values()])
             rec[f"{m} mean"], rec[f"{m} ci_low"], rec[f"{m} ci_high"] = bootstrap_ci(by_seed, binary=m in binary)
         records.append(rec)
     return records
-
-
-def _values(row: dict[str, Any], metric: str) -> list[float] | None:
-    """A row's per-image values of ``metric``, or its set-level value as a one-element list."""
-    if metric in row["per_image"]:
-        return row["per_image"][metric]
-    if metric in row.get("set_metrics", {}):
-        return [row["set_metrics"][metric]]
-    return None
 
 
 def _metric_order(name: str) -> tuple[int, str]:
