@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from harness.protocols import ConfigError
+from harness.errors import ConfigError, DataError
 from harness.types import ImageSet
 
 __all__ = [
@@ -58,10 +58,6 @@ __all__ = [
 SIDECARS: tuple[str, ...] = ("metadata.csv", "captions.jsonl")
 
 MIN_SIZE, MAX_SIZE = 8, 4096
-
-
-class DataError(ValueError):
-    """Input data is unusable. The message names the offending file (full path) and says what to do."""
 
 
 # --------------------------------------------------------------------------------------------- validation

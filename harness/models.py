@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from harness.protocols import ConfigError
+from harness.errors import ConfigError, ModelNotFoundError
 from harness.seeding import isolated_torch_rng
 
 __all__ = [
@@ -100,10 +100,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 _PATH_PREFIXES = ("/", "./", "../", "~")
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """A configured checkpoint is missing. The message says where the harness looked and how to fix it."""
 
 
 def _is_local_source(source: str) -> bool:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from harness.errors import ConfigError
 from harness.types import ImageSet
 
 __all__ = [
@@ -33,10 +34,6 @@ __all__ = [
     "Metric",
     "SetMetric",
 ]
-
-
-class ConfigError(ValueError):
-    """A component or experiment option is invalid. The message names the option."""
 
 
 def check_range(option: str, value: float, low: float, high: float) -> float:

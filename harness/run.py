@@ -33,9 +33,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness.cache import ArtifactStore, atomic_write_text, canonical_json
-from harness.data import DataError
+from harness.errors import ConfigError, DataError, HarnessError
 from harness.pipeline import Experiment, RunResult, realised_linf, run_experiment
-from harness.protocols import ConfigError, Context
+from harness.protocols import Context
 from harness.provenance import provenance
 from harness.tables import write_tables
 
@@ -46,10 +46,6 @@ ROW_SCHEMA = 1
 GROUPS = ("dataset", "model", "defense", "purifier", "mimic", "metrics")
 #: the controls a run can be (``control=...``); None is the configured defense itself
 CONTROLS = ("clean", "noise", "floor")
-
-
-class HarnessError(RuntimeError):
-    """A user-facing error (bad option, bad input file, missing checkpoint): printed as one line."""
 
 
 def resolve_device(device: str) -> str:

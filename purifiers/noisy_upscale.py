@@ -86,7 +86,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness.models import ModelNotFoundError
+from harness.errors import ModelNotFoundError
 from harness.protocols import ConfigError, Context, Purifier, PurifierOutput, check_range
 from harness.seeding import derive_seed, make_generator
 from harness.types import ImageSet

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harness.models import ModelNotFoundError
+from harness.errors import ModelNotFoundError
 from harness.protocols import ConfigError, Metric
 from harness.types import ImageSet
 

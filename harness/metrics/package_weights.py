@@ -12,7 +12,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.models import ModelNotFoundError
+from harness.errors import ModelNotFoundError
 
 __all__ = ["PackagedWeights", "STLPIPS_VGG", "FID_INCEPTION", "packaged_file"]
 
