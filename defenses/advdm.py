@@ -23,7 +23,7 @@ Three objectives over the image ``x + d`` (``d`` the perturbation), each per ima
 Every random draw (timesteps, diffusion noise, posterior samples of image and pattern) goes through the
 engine's :class:`~defenses.engine.Draws`, so a result does not depend on the batch size.
 
-Published settings (METHODS.md): AdvDM and Mist use sign (L-inf) PGD with steps of 1/255 for 100 steps; the
+Published settings (docs/methods.md#advdm-and-mist): AdvDM and Mist use sign (L-inf) PGD with steps of 1/255 for 100 steps; the
 harness's budget is 8/255 as Hönig et al. used Mist (the release's default is 16/255). Mist's release runs
 advertorch's ``LinfPGDAttack`` with its default random start (uniform in the budget), so ``mist.yaml`` sets
 ``random_start: true``; AdvDM starts from the clean image.

@@ -7,7 +7,7 @@ style, under a perceptual budget:
     min_d || E(x + d) - E(x_target) ||^2 + alpha * max(P(x, x + d) - p, 0)
 
 with ``x_target`` the image style-transferred by img2img at strength about 0.4 toward "<target> style",
-``P`` LPIPS, ``p`` 0.05-0.07, ``alpha`` 30, 500 Adam steps at lr 0.01 (METHODS.md).
+``P`` LPIPS, ``p`` 0.05-0.07, ``alpha`` 30, 500 Adam steps at lr 0.01 (docs/methods.md#glaze-style-cloak).
 
 Differences from the paper, on purpose and stated in every row:
 - LPIPS needs pretrained AlexNet/VGG weights that cannot be downloaded here, so the perceptual distance is

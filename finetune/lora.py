@@ -111,7 +111,7 @@ class LoraMimic(Mimic):
     The mimic finetunes the experiment's text-to-image model on the images with their captions, then
     generates one image per training image from that image's caption, with a generator seeded by the stage
     seed and the image's id. Success is measured against the artist's clean images (threat model
-    ``"mimicry"``, see DESIGN.md), e.g. by tiny-clip's zero-shot style match.
+    ``"mimicry"``, see docs/architecture.md), e.g. by tiny-clip's zero-shot style match.
 
     Args:
         rank, steps, lr, batch_size: the LoRA recipe (see :func:`train_lora`; defaults: the embedded world's

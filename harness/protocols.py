@@ -145,7 +145,7 @@ class Purifier(Component):
 class Mimic(Component):
     """An attacker's use of the model: an editor (one output per input) or a finetune-then-generate mimic.
 
-    ``threat_model`` says how success is measured (see DESIGN.md): ``"editing"`` compares the mimic's
+    ``threat_model`` says how success is measured (see docs/architecture.md): ``"editing"`` compares the mimic's
     output on the purified protected images with its output on the clean images, id by id, under the same
     seed; ``"mimicry"`` compares generations with the artist's clean images.
     """

@@ -1,7 +1,7 @@
 """DiffPure (Nie et al., ICML 2022) with the attacker's own latent diffusion model.
 
 Diffuse the image to timestep ``t* = strength * T`` and run the reverse chain back to 0. For a latent
-diffusion model this is img2img at low strength with an empty prompt and no guidance (METHODS.md: t* about
+diffusion model this is img2img at low strength with an empty prompt and no guidance (docs/methods.md#diffpure: t* about
 0.1 of the schedule; GrIDPure used 100 of 1000). Each image's noise comes from a generator seeded by the
 purifier's generator and the image's id.
 """

@@ -5,7 +5,7 @@ A protected image is inconsistent under the latent diffusion model's autoencoder
 
     min_x'  || D(E(x')) - x' ||^2 + a * max(P(x', x) - e, 0)
 
-Published: e 0.1, Adam lr 0.01, 3000 steps, a 0.1 (METHODS.md); IMPRESS++ first adds Gaussian noise (0.1 for
+Published: e 0.1, Adam lr 0.01, 3000 steps, a 0.1 (docs/methods.md#impress); IMPRESS++ first adds Gaussian noise (0.1 for
 art). P is LPIPS in the paper; its pretrained weights cannot be downloaded here, so ``1 - SSIM`` (piq) is
 used, as in the harness's Glaze-style cloak, and every row says so (``perceptual: ssim``). The optimisation
 runs on the harness's shared engine (Adam, no budget: ``eps`` 1).

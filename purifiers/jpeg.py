@@ -1,6 +1,6 @@
 """JPEG re-encoding with a real codec (Pillow's libjpeg).
 
-Used as a purifier at quality 75 by MetaCloak, BlurGuard and CopyrightMeter (see METHODS.md).
+Used as a purifier at quality 75 by MetaCloak, BlurGuard and CopyrightMeter (see docs/methods.md#jpeg).
 """
 
 from __future__ import annotations
