@@ -14,14 +14,14 @@ Three objectives over the image ``x + d`` (``d`` the perturbation), each per ima
   release (psyker-team/mist ``mist_v3.py``: ``nn.MSELoss(reduction="sum")`` between two
   ``get_first_stage_encoding(encode_first_stage(.))`` latents). The pattern's latent is a posterior *sample*,
   drawn afresh at every evaluation as the release re-encodes ``MIST.png`` in every forward pass; its mean and
-  standard deviation are computed once. The pattern is generated (:func:`defenses.latent.latent_pattern`, a
+  standard deviation are computed once. The pattern is generated (:func:`harness.diffusion.latent_pattern`, a
   tiled black-on-white glyph pattern) because the release's ``MIST.png`` is not shipped.
 - **fused** (Mist, minimised): ``L_tex - rate * L_sem`` with the release's ``rate = 10^(r + 3)``, default
   ``r = 1`` so ``rate = 1e4``. The semantic part uses Mist's fixed prompt, "a painting" ("a photo" for
   objects), set in ``experiments/defense/mist.yaml``.
 
 Every random draw (timesteps, diffusion noise, posterior samples of image and pattern) goes through the
-engine's :class:`~defenses.engine.Draws`, so a result does not depend on the batch size.
+engine's :class:`~harness.pgd.Draws`, so a result does not depend on the batch size.
 
 Published settings (docs/methods.md#advdm-and-mist): AdvDM and Mist use sign (L-inf) PGD with steps of 1/255 for 100 steps; the
 harness's budget is 8/255 as Hönig et al. used Mist (the release's default is 16/255). Mist's release runs
@@ -44,14 +44,14 @@ from typing import Any
 
 import torch
 
-from defenses.engine import Draws, PGDSettings, frozen, objective_report, optimise_and_report
-from defenses.latent import (
+from harness.diffusion import (
     denoising_loss,
     encode_sample,
     gradient_checkpointing,
     latent_pattern,
     text_embeddings,
 )
+from harness.pgd import Draws, PGDSettings, frozen, objective_report, optimise_and_report
 from harness.protocols import ConfigError, Context, Defense, DefenseOutput, check_range
 from harness.seeding import derive_seed
 from harness.types import ImageSet

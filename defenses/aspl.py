@@ -19,8 +19,8 @@ import copy
 
 import torch
 
-from defenses.engine import Draws, PGDSettings, frozen, objective_report, run_pgd
-from defenses.latent import denoising_loss, encode_sample, text_embeddings
+from harness.diffusion import denoising_loss, encode_sample, text_embeddings
+from harness.pgd import Draws, PGDSettings, frozen, objective_report, run_pgd
 from harness.protocols import ConfigError, Context, Defense, DefenseOutput, check_int, check_range
 from harness.seeding import derive_seed, isolated_torch_rng, make_generator
 from harness.types import ImageSet

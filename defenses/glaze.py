@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from defenses.engine import PGDSettings, frozen, optimise_and_report
-from defenses.latent import encode_mean
+from harness.diffusion import encode_mean
+from harness.metrics.similarity import perceptual_distance
+from harness.pgd import PGDSettings, frozen, optimise_and_report
 from harness.protocols import ConfigError, Context, Defense, DefenseOutput, check_int, check_range
 from harness.seeding import derive_seed, make_generator
 from harness.types import ImageSet
@@ -30,15 +31,6 @@ from harness.types import ImageSet
 __all__ = ["StyleCloak"]
 
 PERCEPTUAL = ("ssim",)
-
-
-def perceptual_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """1 - SSIM per image (piq, 11x11 Gaussian window; smaller images use a smaller window)."""
-    import piq
-
-    k = 11 if min(a.shape[-2:]) >= 11 else (min(a.shape[-2:]) // 2) * 2 - 1
-    s = piq.ssim(a.clamp(0, 1).float(), b.clamp(0, 1).float(), data_range=1.0, reduction="none", kernel_size=k)
-    return 1.0 - s
 
 
 class StyleCloak(Defense):

@@ -7,7 +7,7 @@ Two immunizations against diffusion editing:
   reference notebook uses eps 0.06 and step 0.02 in [-1, 1] units (0.03 and 0.01 in [0, 1]) for img2img,
   step 0.01 (0.005) for inpainting, 1000 iterations with the step decaying linearly to 1/100, random start.
   For inpainting the perturbation lives only where the edit keeps the image, and the attacked encoding is
-  exactly the conditioning the inpainting pipeline computes (:func:`defenses.latent.masked_image_latents`):
+  exactly the conditioning the inpainting pipeline computes (:func:`harness.diffusion.masked_image_latents`):
   the masked image ``(2 x - 1) * (mask < 0.5)`` in [-1, 1] units (the repainted region filled with grey, not
   black), encoded to a posterior sample times the VAE's scaling factor, for the mask the edit uses.
 - **Diffusion attack** (Sec. 4.2, Eq. 2): PGD through the whole editing pipeline (VAE encode, a few
@@ -28,8 +28,7 @@ import math
 
 import torch
 
-from defenses.engine import PGDSettings, check_norm, frozen, optimise_and_report
-from defenses.latent import (
+from harness.diffusion import (
     edit_through_pipeline,
     encode_mean,
     gradient_checkpointing,
@@ -38,6 +37,7 @@ from defenses.latent import (
     text_embeddings,
 )
 from harness.masks import edit_mask
+from harness.pgd import PGDSettings, check_norm, frozen, optimise_and_report
 from harness.protocols import ConfigError, Context, Defense, DefenseOutput, check_int, check_range
 from harness.types import ImageSet
 
@@ -61,7 +61,7 @@ class PhotoGuardEncoder(Defense):
             "inpaint" (perturb only the kept region; attack the inpainting pipeline's masked-image latents:
             ``vae.encode((2 x - 1) * (mask < 0.5))``, a posterior sample drawn afresh each step, times the
             scaling factor, exactly the UNet's conditioning channels; see
-            :func:`defenses.latent.masked_image_latents`). The inpaint variant's ``latent_distance`` is in
+            :func:`harness.diffusion.masked_image_latents`). The inpaint variant's ``latent_distance`` is in
             those scaled units.
         mask, mask_fraction: the inpainting mask (see :func:`harness.masks.edit_mask`); keep them equal to the
             edit's ``mimic.mask`` / ``mimic.mask_fraction`` (same defaults: "border", 0.5).
@@ -159,7 +159,7 @@ class PhotoGuardDiffusion(Defense):
         target: "grey" (a flat 0.5 image) or "zero" (black).
         variant: "img2img" or "inpaint" (attacks the model's inpainting checkpoint, ``model.inpaint_source``,
             through the 9-channel input the inpainting pipeline builds: noisy latents, the binarised mask at
-            latent size and the masked image's latents, see :func:`defenses.latent.edit_through_pipeline`).
+            latent size and the masked image's latents, see :func:`harness.diffusion.edit_through_pipeline`).
         mask, mask_fraction: the inpainting mask (keep them equal to the edit's ``mimic.mask`` /
             ``mimic.mask_fraction``); the perturbation stays in the kept region (mask < 0.5).
         scale_to_resolution: scale L2 eps and step from 512 px to the images' size (sqrt of pixel count).

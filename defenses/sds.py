@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from defenses.engine import PGDSettings, frozen, optimise_and_report
-from defenses.latent import denoising_loss, encode_sample, noise_target, text_embeddings
+from harness.diffusion import denoising_loss, encode_sample, noise_target, text_embeddings
+from harness.pgd import PGDSettings, frozen, optimise_and_report
 from harness.protocols import ConfigError, Context, Defense, DefenseOutput, check_range
 from harness.types import ImageSet
 

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harness.protocols import ConfigError
+from harness.diffusion import denoising_prediction, tokenize
+from harness.errors import ConfigError
 from harness.seeding import make_generator
 from harness.types import ImageSet
 
@@ -39,13 +40,7 @@ def _encode(pipe: Any, images: torch.Tensor, prompts: Sequence[str]) -> tuple[to
         x = images.to(device, vae.dtype) * 2 - 1
         x = torch.cat([x, x.flip(-1)])
         post = vae.encode(x).latent_dist
-        tokens = pipe.tokenizer(
-            list(prompts) * 2,
-            padding="max_length",
-            max_length=pipe.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
+        tokens = tokenize(pipe.tokenizer, list(prompts) * 2).to(device)
         cond = pipe.text_encoder(tokens)[0].float()
     return post.mean.float(), post.std.float(), cond
 
@@ -59,14 +54,8 @@ def _loss(pipe: Any, unet: Any, means, stds, cond, batch_size: int, gen: torch.G
     ) * pipe.vae.config.scaling_factor
     noise = torch.randn(z.shape, generator=gen).to(device)
     t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=gen).to(device)
-    a = sched.alphas_cumprod.to(device)[t].view(-1, 1, 1, 1)
-    noisy = a.sqrt() * z + (1 - a).sqrt() * noise
-    pred = unet(noisy, t, cond[idx.to(device)]).sample
-    if sched.config.prediction_type == "v_prediction":
-        target = a.sqrt() * noise - (1 - a).sqrt() * z
-    else:
-        target = noise
-    return F.mse_loss(pred.float(), target)
+    pred, target, _ = denoising_prediction(unet, sched, z, noise, t, cond[idx.to(device)])
+    return F.mse_loss(pred, target)
 
 
 OPTIMIZERS = ("adamw", "adamw8bit")

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from defenses.engine import PGDSettings, frozen, run_pgd
-from defenses.glaze import perceptual_distance
-from defenses.latent import decode, encode_mean
+from harness.diffusion import decode, encode_mean
+from harness.metrics.similarity import perceptual_distance
+from harness.pgd import PGDSettings, frozen, run_pgd
 from harness.protocols import ConfigError, Context, Purifier, PurifierOutput, check_int, check_range
 from harness.seeding import derive_seed, make_generator
 from harness.types import ImageSet

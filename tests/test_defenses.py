@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
-from defenses.engine import PGDSettings, objective_report, run_pgd
 from defenses.external import ExternalDefense
 from harness.data import DataError
 from harness.masks import edit_mask
+from harness.pgd import PGDSettings, objective_report, run_pgd
 from harness.protocols import ConfigError, Context
 from harness.seeding import make_generator
 from tests.conftest import random_imageset

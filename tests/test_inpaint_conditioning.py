@@ -2,16 +2,15 @@
 
 The pipeline fills the repainted region of its masked image with 0 in [-1, 1] units (grey), binarises the mask
 at 0.5, encodes a posterior sample and multiplies it by the VAE's scaling factor. The defenses' masked-image
-latents (:func:`defenses.latent.masked_image_latents`) and the diffusion attack's 9-channel UNet input
-(:func:`defenses.latent.edit_through_pipeline`) are compared with the pipeline's own, computed by its own
+latents (:func:`harness.diffusion.masked_image_latents`) and the diffusion attack's 9-channel UNet input
+(:func:`harness.diffusion.edit_through_pipeline`) are compared with the pipeline's own, computed by its own
 processors and captured at its UNet's input during a real call, on the same images, mask and generators.
 """
 
 import pytest
 import torch
 
-from defenses.engine import Draws
-from defenses.latent import (
+from harness.diffusion import (
     edit_through_pipeline,
     encode_mean,
     encode_sample,
@@ -22,6 +21,7 @@ from defenses.latent import (
 )
 from harness.masks import edit_mask
 from harness.models import ModelSpec, load_pipeline
+from harness.pgd import Draws
 from harness.protocols import Context
 from harness.seeding import make_generator
 from tests.conftest import random_imageset

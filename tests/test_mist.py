@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from defenses.advdm import AdvDM, textural_loss
-from defenses.engine import Draws, run_pgd
+from harness.pgd import Draws, run_pgd
 from harness.protocols import Context
 from harness.run import CONFIG_DIR
 from harness.seeding import make_generator
@@ -63,7 +63,7 @@ def test_textural_loss_is_a_sum_of_squared_errors():
 def test_textural_and_fused_objectives_by_hand_on_tiny_sd(ctx, art):
     """The textural objective is the summed squared error between *scaled* posterior samples of the image and
     of the pattern, drawn through Draws; fused = textural - rate * semantic with the same draws."""
-    from defenses.latent import latent_pattern
+    from harness.diffusion import latent_pattern
 
     mist = shipped("mist")
     pipe = ctx.pipeline("text2img")

@@ -150,3 +150,10 @@ class LPIPS(Metric):
     def per_image(self, outputs: ImageSet, references: ImageSet) -> torch.Tensor:
         with torch.no_grad():
             return self._model()(outputs.images.float(), references.images.float()).double().flatten()
+
+
+def perceptual_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """1 - SSIM per image (piq, 11x11 Gaussian window; smaller images use a smaller window)."""
+    k = 11 if min(a.shape[-2:]) >= 11 else (min(a.shape[-2:]) // 2) * 2 - 1
+    s = piq.ssim(a.clamp(0, 1).float(), b.clamp(0, 1).float(), data_range=1.0, reduction="none", kernel_size=k)
+    return 1.0 - s

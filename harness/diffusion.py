@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from defenses.engine import Draws
-from harness.protocols import ConfigError
+from harness.errors import ConfigError
+from harness.pgd import Draws
 
 __all__ = [
     "encode_mean",
@@ -26,8 +26,10 @@ __all__ = [
     "masked_image",
     "masked_image_latents",
     "inpaint_mask_latent",
+    "tokenize",
     "text_embeddings",
     "noise_target",
+    "denoising_prediction",
     "denoising_loss",
     "edit_through_pipeline",
     "gradient_checkpointing",
@@ -135,17 +137,19 @@ def inpaint_mask_latent(vae: Any, mask: torch.Tensor, height: int, width: int) -
     return F.interpolate(inpaint_mask_condition(mask, height, width), size=(height // f, width // f))
 
 
+def tokenize(tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
+    """Token ids of ``texts``, padded and truncated to the tokenizer's context length, as SD's pipelines do:
+    (B, L) int64."""
+    return tokenizer(
+        list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
 def text_embeddings(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
     """The text encoder's hidden states for ``prompts`` (no gradient), (B, L, D)."""
-    tok = pipe.tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=pipe.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
+    ids = tokenize(pipe.tokenizer, prompts)
     with torch.no_grad():
-        return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]
+        return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
 
 
 def noise_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -156,6 +160,34 @@ def noise_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: 
     if kind == "v_prediction":
         return scheduler.get_velocity(latents, noise, t)
     raise ConfigError(f"the model's scheduler predicts {kind!r}; the defenses support epsilon and v_prediction")
+
+
+def denoising_prediction(
+    unet: Any,
+    scheduler: Any,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    channels: Sequence[torch.Tensor] = (),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The step every denoising loss shares: noise ``latents`` to ``z_t`` (the scheduler's forward process), ask
+    the UNet for its prediction, and return it with what it is trained to predict.
+
+    Args:
+        unet, scheduler: the model's UNet and noise scheduler.
+        latents: scaled latents (B, C, h, w); ``noise`` the same shape; ``t`` (B,) timesteps.
+        cond: text embeddings (B, L, D).
+        channels: tensors concatenated after ``z_t`` on the channel axis (an inpainting UNet's mask and
+            masked-image latents).
+
+    Returns:
+        (prediction, target, z_t), the first two as float32.
+    """
+    noisy = scheduler.add_noise(latents, noise, t)
+    x = torch.cat([noisy, *channels], dim=1) if channels else noisy
+    pred = unet(x.to(unet.dtype), t, cond.to(unet.dtype)).sample.float()
+    return pred, noise_target(scheduler, latents, noise, t).float(), noisy
 
 
 def denoising_loss(
@@ -186,10 +218,8 @@ def denoising_loss(
     lo, hi = t_range or (0, n)
     t = draws.randint(lo, hi)
     noise = draws.randn(*latents.shape[1:]).to(latents.dtype)
-    noisy = sched.add_noise(latents, noise, t)
     net = unet if unet is not None else pipe.unet
-    pred = net(noisy.to(net.dtype), t, cond.to(net.dtype)).sample.float()
-    target = noise_target(sched, latents, noise, t).float()
+    pred, target, noisy = denoising_prediction(net, sched, latents, noise, t, cond)
     loss = F.mse_loss(pred, target, reduction="none").flatten(1).mean(dim=1)
     if return_parts:
         return loss, (pred, target, t, noisy)
