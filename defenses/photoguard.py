@@ -39,7 +39,7 @@ from harness.diffusion import (
 from harness.masks import edit_mask
 from harness.pgd import PGDSettings, check_norm, frozen, optimise_and_report
 from harness.protocols import ConfigError, Context, Defense, DefenseOutput, check_int, check_range
-from harness.types import ImageSet
+from harness.types import Budget, ImageSet
 
 __all__ = ["PhotoGuardEncoder", "PhotoGuardDiffusion"]
 
@@ -211,6 +211,11 @@ class PhotoGuardDiffusion(Defense):
         self.gradient_checkpointing = bool(gradient_checkpointing)
         # the L-inf bound the harness checks; an L2 budget states none (the L2 radius is reported instead)
         self.eps = self.raw_eps if norm == "linf" else None
+
+    @property
+    def budget(self) -> Budget:
+        note = "stated at 512 px, scaled by the square root of the pixel count" if self.scale_to_resolution else ""
+        return Budget(self.norm, self.raw_eps, note if self.norm == "l2" else "")
 
     def l2_radius(self, h: int, w: int) -> float | None:
         """The L2 budget in [0, 1] units for ``h`` x ``w`` images (None for an L-inf budget)."""

@@ -16,7 +16,7 @@ and seed (``audit.threat_models.<tm>.seeds``; finetunes run with several):
 then writes ``${runtime.results_dir}/audits/<defense>/report.md`` and ``report.html`` (one offline file, images
 embedded): the verdict per threat model as an effect size between the controls (:mod:`harness.verdict`), the
 method note, the budget actually used, the protection's own objective against noise, a success table per
-threat model with intervals, image grids and, when ``audit.budgets`` lists budgets, a plot of success against
+threat model with intervals, image grids and, when ``audit.budget_sweep.radii`` lists radii, a plot of success against
 budget. Result rows land in ``audits/<defense>/runs/`` with full provenance and their role in the audit; the
 report is rebuilt from them alone by ``python -m harness.tables``.
 """
@@ -26,24 +26,34 @@ from __future__ import annotations
 import io
 import logging
 import math
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from harness.cache import ArtifactStore, atomic_write_bytes, atomic_write_text, load_imageset
-from harness.protocols import ConfigError
-from harness.report import html_page, save_grid
-from harness.run import HarnessError, compose_config, run_from_config
-from harness.tables import binary_metrics, bootstrap_ci, defense_objectives, load_rows
-from harness.verdict import Verdict, best_of, controls_from_rows, judge, method_note, role_of, values_of
+from harness.errors import ConfigError, HarnessError
+from harness.report import html_page, safe_filename, save_grid
+from harness.run import compose_config, run_from_config
+from harness.summary import defense_objectives, load_rows
+from harness.threat_models import threat_model, threat_models
+from harness.types import NORMS, Budget
+from harness.verdict import (
+    Verdict,
+    best_of,
+    binary_metrics,
+    bootstrap_ci,
+    controls_from_rows,
+    fmt_interval,
+    judge,
+    method_note,
+    role_of,
+    values_of,
+)
 
 log = logging.getLogger("harness.audit")
 
-__all__ = ["main", "run_audit", "write_report", "rebuild_reports", "THREAT_MODELS"]
-
-THREAT_MODELS = ("editing", "mimicry")
+__all__ = ["main", "run_audit", "write_report", "rebuild_reports"]
 ROLE_ORDER = {"clean": 0, "floor": 1, "noise": 2, "protected": 3, "budget sweep": 4}
 ROLE_NAMES = {
     "clean": "positive control (clean)",
@@ -79,7 +89,7 @@ def _cells(
     audit: Any,
     defense: str,
     defense_opts: list[str],
-    eps: float | None,
+    budget: Budget | None,
     threat_models: list[str],
     common_user: list[str],
 ):
@@ -104,21 +114,44 @@ def _cells(
                         cells.append((tm, "protected", [*common, *own, f"purifier={purifier}"]))
                     if not auditing_baseline:
                         cells.append((tm, "noise", [*common, *own, "control=noise", f"purifier={purifier}"]))
-                for b in audit.get("budgets") or []:
-                    if eps is not None and abs(float(b) - float(eps)) < 1e-12:
+                for b in _sweep_radii(audit, budget):
+                    if budget is not None and abs(float(b) - budget.radius) < 1e-12:
                         continue  # that point is the protected run itself (same stage keys, same row)
                     cells.append((tm, "budget sweep", [*common, *own, f"defense.eps={b!r}", "purifier=none"]))
     return cells
+
+
+def _sweep_radii(audit: Any, budget: Budget | None) -> list[float]:
+    """The radii of ``audit.budget_sweep`` (empty: no sweep). The sweep sets ``defense.eps``, the radius in the
+    defense's own norm, so it refuses a defense whose budget is in another norm than the sweep's."""
+    sweep = audit.get("budget_sweep") or {}
+    radii = list(sweep.get("radii") or [])
+    if not radii:
+        return []
+    norm = sweep.get("norm", "linf")
+    if norm not in NORMS:
+        raise HarnessError(f"audit.budget_sweep.norm must be one of {list(NORMS)}, got {norm!r}")
+    if budget is None:
+        raise HarnessError("audit.budget_sweep: the audited defense states no budget of its own to sweep")
+    if budget.norm != norm:
+        raise HarnessError(
+            f"audit.budget_sweep.norm={norm}, but the defense's budget is {budget}: its radii would be read in "
+            f"{budget.norm}; set audit.budget_sweep.norm={budget.norm} with radii in that norm"
+        )
+    for b in radii:
+        if not isinstance(b, (int, float)) or b < 0 or (norm == "linf" and b > 1):
+            raise HarnessError(f"audit.budget_sweep.radii: {b!r} is not a {norm} radius in [0, 1] pixel units")
+    return [float(b) for b in radii]
 
 
 def _success_metric(rows: list[dict[str, Any]], tm: str, spec: Any) -> str:
     """The verdict's success metric: the threat model's configured one, or for a folder of the user's own
     images (no embedded judge) the configured ``folder_success``."""
     names = {m for r in rows for m in [*r.get("per_image", {}), *r.get("set_metrics", {})]}
-    for candidate in (spec.get("success"), spec.get("folder_success")):
+    for candidate in (spec.get("success") or threat_model(tm).success, spec.get("folder_success")):
         if candidate and f"{tm}/{candidate}" in names:
             return f"{tm}/{candidate}"
-    return f"{tm}/{spec.get('success')}"
+    return f"{tm}/{spec.get('success') or threat_model(tm).success}"
 
 
 def _audit_roles(rows: list[dict[str, Any]], baseline: str) -> dict[str, tuple[str, str]]:
@@ -131,19 +164,22 @@ def _audit_roles(rows: list[dict[str, Any]], baseline: str) -> dict[str, tuple[s
             out[r["run_id"]] = (info["threat_model"], info["role"])
             continue
         names = [*r.get("per_image", {}), *r.get("set_metrics", {})]
-        tm = next((m.split("/", 1)[0] for m in names if m.split("/", 1)[0] in THREAT_MODELS), None)
+        tm = next((m.split("/", 1)[0] for m in names if m.split("/", 1)[0] in threat_models()), None)
         if tm is not None:
             out[r["run_id"]] = (tm, role_of(r, baseline))
     return out
 
 
-def _fmt_ci(e: Any) -> str:
-    m, lo, hi = e
-    if m is None or (isinstance(m, float) and math.isnan(m)):
-        return "-"
-    if isinstance(lo, float) and math.isnan(lo):
-        return f"{m:.3f}"
-    return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
+def _radius(row: dict[str, Any]) -> float:
+    """The budget radius a row ran at, in its defense's norm (rows before budgets were typed: their eps)."""
+    b = row.get("budget", {})
+    return float(b.get("radius", b.get("eps")) or 0.0)
+
+
+def _claimed(b: dict[str, Any]) -> str:
+    if "norm" in b:
+        return str(Budget(b["norm"], float(b["radius"]), b.get("note", "")))
+    return f"L-inf eps {b.get('eps')}"
 
 
 def _row_mean(rows: list[dict[str, Any]], metric: str, binary: bool = False) -> tuple[float, float, float]:
@@ -211,9 +247,11 @@ def run_audit(overrides: Sequence[str]) -> Path:
         defense = hydra.utils.instantiate(cfg.defense, _convert_="all")
     except Exception as err:  # the cause names the bad option
         raise HarnessError(f"defense: {err.__cause__ or err}") from err
-    unknown = [t for t in audit.threat_models if t not in THREAT_MODELS]
-    if unknown:
-        raise HarnessError(f"audit.threat_models: unknown threat model(s) {unknown}; use editing and/or mimicry")
+    for t in [*audit.threat_models, *defense.threat_models]:
+        try:
+            threat_model(t, option="audit.threat_models" if t in audit.threat_models else "defense.threat_models")
+        except ConfigError as err:
+            raise HarnessError(str(err)) from None
     for key in ("min_effect",):
         v = audit.get(key)
         if v is None or not (0.0 < float(v) < 1.0):
@@ -226,8 +264,8 @@ def run_audit(overrides: Sequence[str]) -> Path:
         )
     label = defense_name + (f"[{','.join(o.split('.', 1)[1] for o in defense_opts)}]" if defense_opts else "")
 
-    out = Path(cfg.runtime.results_dir) / "audits" / re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-")
-    cells = _cells(audit, defense_name, defense_opts, defense.eps, tms, list(common))
+    out = Path(cfg.runtime.results_dir) / "audits" / safe_filename(label)
+    cells = _cells(audit, defense_name, defense_opts, defense.budget, tms, list(common))
     command = f"python -m harness.audit {' '.join(overrides)}"
     run_ids: list[str] = []
     log.info("audit of %s: %d runs over %s (rows in %s)", label, len(cells), ", ".join(tms), out / "runs")
@@ -296,7 +334,7 @@ def write_report(out: Path, rows: list[dict[str, Any]], cache_dir: str | Path | 
     commits = sorted({str(r.get("provenance", {}).get("git", {}).get("commit", "?"))[:10] for r in rows})
     created = max(r.get("created", "") for r in rows)
     binary = binary_metrics(rows)
-    tms = [t for t in THREAT_MODELS if any(roles[r["run_id"]][0] == t for r in rows)]
+    tms = [t for t in threat_models() if any(roles[r["run_id"]][0] == t for r in rows)]
     legacy = (
         []
         if info
@@ -349,7 +387,7 @@ def write_report(out: Path, rows: list[dict[str, Any]], cache_dir: str | Path | 
             lines += _success_table(m_rows, roles, success, higher, binary)
             lines += _grid_section(store, m_rows, roles, tm, mimic, out, int(audit.get("grid_images", 6)))
             sweep = [
-                (float(r["budget"].get("eps") or 0.0), _row_mean([r], success, success in binary))
+                (_radius(r), _row_mean([r], success, success in binary))
                 for r in m_rows
                 if roles[r["run_id"]][1] == "budget sweep"
                 or (roles[r["run_id"]][1] == "protected" and r["labels"]["purifier"] == "none")
@@ -360,7 +398,7 @@ def write_report(out: Path, rows: list[dict[str, Any]], cache_dir: str | Path | 
                     if roles[r["run_id"]][1] == "budget sweep" or (
                         roles[r["run_id"]][1] == "protected" and r["labels"]["purifier"] == "none"
                     ):
-                        by_eps.setdefault(float(r["budget"].get("eps") or 0.0), []).append(r)
+                        by_eps.setdefault(_radius(r), []).append(r)
                 sweep = [(e, _row_mean(rs, success, success in binary)) for e, rs in by_eps.items()]
                 plot = _budget_plot(sweep, success, out / f"budget_{tm}.png", f"{label}: {tm} success vs budget")
                 if plot is not None:
@@ -373,7 +411,7 @@ def write_report(out: Path, rows: list[dict[str, Any]], cache_dir: str | Path | 
         md += [
             "## Budget actually used",
             "",
-            f"Claimed L-inf eps: {b.get('eps')}; realised: L-inf max {255 * b.get('linf_max', float('nan')):.2f}/255, "
+            f"Claimed budget: {_claimed(b)}; realised: L-inf max {255 * b.get('linf_max', float('nan')):.2f}/255, "
             f"mean L2 {b.get('l2_mean', float('nan')):.3f}, PSNR {b.get('psnr_mean', float('nan')):.2f} dB, "
             f"SSIM {b.get('ssim_mean', float('nan')):.4f} (protected vs clean).",
         ]
@@ -446,9 +484,9 @@ def _success_table(
         linf = max((r["budget"].get("linf_max") or 0.0) for r in members)
         shown = f"{ROLE_NAMES[role]} ({name})" if name else ROLE_NAMES[role]
         out.append(
-            f"| {shown} | {purifier} | **{_fmt_ci(_row_mean(members, success, success in binary))}** | "
-            f"{len({r['seed'] for r in members})} | {255 * linf:.2f} | {_fmt_ci(_row_mean(members, 'purified/psnr'))} | "
-            f"{_fmt_ci(_row_mean(members, 'purified/ssim'))} |"
+            f"| {shown} | {purifier} | **{fmt_interval(*_row_mean(members, success, success in binary), 3)}** | "
+            f"{len({r['seed'] for r in members})} | {255 * linf:.2f} | {fmt_interval(*_row_mean(members, 'purified/psnr'), 3)} | "
+            f"{fmt_interval(*_row_mean(members, 'purified/ssim'), 3)} |"
         )
     for role in ("noise", "protected"):
         members = [r for r in rows if roles[r["run_id"]][1] == role]
@@ -460,7 +498,7 @@ def _success_table(
         )
         est = bootstrap_ci(by_seed, binary=success in binary)
         out.append(
-            f"| {ROLE_NAMES[role]} | best-of ({len(purifiers)}) | **{_fmt_ci(est)}** | {len(by_seed)} | - | - | - |"
+            f"| {ROLE_NAMES[role]} | best-of ({len(purifiers)}) | **{fmt_interval(*est, 3)}** | {len(by_seed)} | - | - | - |"
         )
     return out + [""]
 
@@ -506,7 +544,7 @@ def _grid_section(
         if purifier != "none":
             lines.append((f"purified by {purifier}", "purify", r["stage_keys"].get("purify")))
         lines.append((f"mimic output after {purifier}", "mimic", r["stage_keys"].get("mimic")))
-    path = out / re.sub(r"[^A-Za-z0-9_.-]+", "-", f"grid_{tm}_{mimic}.png")
+    path = out / safe_filename(f"grid_{tm}_{mimic}.png")
     made = _grid(store, lines, path, n_images)
     if made is None:
         return []

@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from harness.cache import ArtifactStore, atomic_write_text, load_imageset
-from harness.tables import BEST_OF, binary_metrics, summarize
-from harness.verdict import controls_from_rows, judge, method_note
+from harness.report import html_page, safe_filename, save_grid
+from harness.summary import BEST_OF, summarize
+from harness.verdict import binary_metrics, controls_from_rows, fmt_interval, judge, method_note
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +58,7 @@ def _experiment_name(row: dict[str, Any]) -> str:
 
 
 def _cell(t: pd.Series, metric: str) -> str:
-    m, lo, hi = t.get(f"{metric} mean"), t.get(f"{metric} ci_low"), t.get(f"{metric} ci_high")
-    if m is None or (isinstance(m, float) and math.isnan(m)):
-        return "-"
-    digits = 2 if abs(m) >= 10 else 3
-
-    def f(x: float) -> str:
-        return f"{x:.{digits}f}" if 0.01 <= abs(x) < 1e4 or x == 0 else f"{x:.3g}"
-
-    if lo is None or (isinstance(lo, float) and math.isnan(lo)) or abs(hi - lo) < 1e-12:
-        return f(m)
-    return f"{f(m)} [{f(lo)}, {f(hi)}]"
+    return fmt_interval(t.get(f"{metric} mean"), t.get(f"{metric} ci_low"), t.get(f"{metric} ci_high"))
 
 
 def _short(metric: str) -> str:
@@ -82,8 +72,6 @@ def _base(label: str) -> str:
 def _grid(store: ArtifactStore, lines: list[tuple[str, str, str | None]], out: Path, n: int) -> Path | None:
     """A labelled grid with one image row per ``(label, stage, key)``; None when the cache lacks any of them."""
     import torch
-
-    from harness.report import save_grid
 
     images, labels = [], []
     for label, stage, key in lines:
@@ -254,7 +242,7 @@ def write_experiment_report(
                         (_base(d), "protect", r["stage_keys"].get("protect")),
                         (f"edit after {_base(d)}", "mimic", r["stage_keys"].get("mimic")),
                     ]
-            out = results_dir / re.sub(r"[^A-Za-z0-9_.-]+", "-", f"grid_{mimic}.png")
+            out = results_dir / safe_filename(f"grid_{mimic}.png")
             _write_grid(store, lines_g, out, n_images, grids, f"{mimic} edits")
     else:
         purifiers = list(dict.fromkeys(p for p in plain["purifier"]))
@@ -322,7 +310,7 @@ def write_experiment_report(
                     if p != "none":
                         lines_g.append((f"purified: {p}", "purify", r["stage_keys"].get("purify")))
                     lines_g.append((f"mimic after {p}", "mimic", r["stage_keys"].get("mimic")))
-                out = results_dir / re.sub(r"[^A-Za-z0-9_.-]+", "-", f"grid_{mimic}_{d}.png")
+                out = results_dir / safe_filename(f"grid_{mimic}_{d}.png")
                 _write_grid(store, lines_g, out, n_images, grids, f"{d}, {mimic}")
     head = [
         "## Findings",
@@ -340,8 +328,6 @@ def write_experiment_report(
     md.append("Generated from the rows; do not edit. Rebuild with `python -m harness.tables`.")
     text = "\n".join(md) + "\n"
     atomic_write_text(results_dir / "report.md", text)
-    from harness.report import html_page
-
     # the grids lie beside the report (committed with it): link them rather than embed megabytes of base64
     atomic_write_text(
         results_dir / "report.html", html_page(str(spec.get("title", name)), text, results_dir, embed_images=False)

@@ -3,8 +3,10 @@
 Every stage's key chains its parents' keys (see :mod:`harness.cache`), so a re-run finds every finished
 stage in the store and computes only what is missing, and a killed sweep resumes where it stopped.
 
-For the editing threat model the mimic also runs on the clean images (same config, same seed): success of
-the attacker means the edit of the purified protected image looks like the edit of the clean image.
+The mimic's threat model (:mod:`harness.threat_models`) says what its outputs are compared with: for editing the
+mimic also runs on the clean images (same config, same seed), and success of the attacker means the edit of the
+purified protected image looks like the edit of the clean image; for mimicry the generations are compared
+with the clean images (set measures with the dataset's held-out part).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from harness.cache import ArtifactStore, canonical_json, load_imageset, save_ima
 from harness.metrics import LatentDistance, budget_metrics
 from harness.protocols import Context, Defense, Metric, Mimic, Purifier, SetMetric
 from harness.seeding import derive_seed, make_generator
+from harness.threat_models import threat_model
 from harness.types import ImageSet
 
 __all__ = ["Experiment", "StageRecord", "RunResult", "run_experiment", "realised_linf"]
@@ -254,7 +257,8 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
             attack = lambda: (exp.mimic.run(purified, make_generator(s_mimic), ctx), {})  # noqa: E731
         k_mimic = stage_key("mimic", parents, mimic_key_cfg, exp.mimic.version, s_mimic)
         outputs, rec["mimic"] = _stage_images(store, "mimic", k_mimic, s_mimic, label, attack)
-        if exp.mimic.threat_model == "editing":
+        tm = threat_model(exp.mimic.threat_model, option=f"mimic {exp.mimic.name}: threat_model")
+        if tm.reference == "clean_run":
             k_ref = stage_key("mimic", {"data": k_data}, mimic_cfg, exp.mimic.version, s_mimic)
             references, rec["mimic_clean"] = _stage_images(
                 store,
@@ -272,7 +276,7 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
         set_references = references
         held_out = getattr(exp.dataset, "held_out", None)
         if (
-            exp.mimic.threat_model == "mimicry"
+            tm.reference == "clean_images"
             and callable(held_out)
             and any(isinstance(m, SetMetric) for m in exp.metrics.values())
         ):
@@ -302,7 +306,7 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
             measured = {"per_image": {}, "higher_is_better": {}}
             measured["per_set"] = {}
             for name, metric in exp.metrics.items():
-                key = f"{exp.mimic.threat_model}/{name}"
+                key = tm.result_key(name)
                 if isinstance(metric, SetMetric):  # FID, KID: one number for the two sets
                     measured["per_set"][key] = float(metric.value(outputs, set_references))
                 else:

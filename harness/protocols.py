@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from harness.errors import ConfigError
-from harness.types import ImageSet
+from harness.types import Budget, ImageSet
 
 __all__ = [
     "ConfigError",
@@ -115,6 +115,13 @@ class Defense(Component):
 
     #: the budget's L-inf bound in [0, 1] pixel units, or None when the defense has no L-inf budget.
     eps: float | None = None
+
+    @property
+    def budget(self) -> Budget | None:
+        """The perturbation budget as (norm, radius): by default the L-inf ``eps``; a defense that optimises
+        under another norm overrides this. None: no budget of its own (an external tool's images)."""
+        return Budget("linf", float(self.eps)) if self.eps is not None else None
+
     #: the threat models the protection claims to defend (an audit runs these): "editing", "mimicry".
     threat_models: ClassVar[tuple[str, ...]] = ("editing", "mimicry")
 
@@ -166,9 +173,11 @@ class Mimic(Component):
         of the same image under another seed: two edits that share nothing but the input and the prompt.
         Finetuning mimics override it: the base model prompted as after finetuning, with no finetune.
         """
-        if self.threat_model != "editing":
-            raise NotImplementedError(f"{type(self).__name__} defines no floor control")
         from harness.seeding import derive_seed, make_generator
+        from harness.threat_models import threat_model
+
+        if not threat_model(self.threat_model).floor_reseeds:
+            raise NotImplementedError(f"{type(self).__name__} defines no floor control")
 
         return self.run(images, make_generator(derive_seed(generator.initial_seed(), "floor")), ctx)
 

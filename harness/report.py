@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["save_grid", "markdown_to_html", "html_page"]
+__all__ = ["safe_filename", "save_grid", "markdown_to_html", "html_page"]
+
+
+def safe_filename(name: str) -> str:
+    """``name`` with every run of characters other than letters, digits, ``_``, ``.`` and ``-`` replaced by
+    one ``-`` (labels such as ``aspl[lr=0.003]`` become file names), without a leading or trailing ``-``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
 
 
 def save_grid(

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.tables import load_rows
+from harness.summary import load_rows
 
 __all__ = ["overrides_of", "select", "main"]
 

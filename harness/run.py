@@ -15,7 +15,6 @@ Examples::
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -29,7 +28,6 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness.cache import ArtifactStore, atomic_write_text, canonical_json
@@ -37,7 +35,6 @@ from harness.errors import ConfigError, DataError, HarnessError
 from harness.pipeline import Experiment, RunResult, realised_linf, run_experiment
 from harness.protocols import Context
 from harness.provenance import provenance
-from harness.tables import write_tables
 
 log = logging.getLogger("harness.run")
 
@@ -247,6 +244,8 @@ def make_row(cfg: DictConfig, exp: Experiment, result: RunResult, labels: dict[s
         "set_metrics": result.per_set,
         "image_ids": result.image_ids,
         "budget": {
+            # the defense's budget as (norm, radius); eps: the L-inf bound it implies (None for an L2 budget)
+            **(budget.as_dict() if (budget := exp.defense.budget) is not None else {}),
             "eps": getattr(exp.defense, "eps", None),
             **{f"{k.split('/', 1)[1]}_mean": v for k, v in result.metrics.items() if k.startswith("budget/")},
             **{
@@ -311,24 +310,6 @@ def run_from_config(
     n_cached = sum(r.cached for r in result.stages.values())
     log.info("row %s: %d/%d stages cached; %s", path, n_cached, len(result.stages), headline)
     return row
-
-
-class RebuildTables(Callback):
-    """Hydra callback: rebuild the summary tables after a single run and after a whole sweep."""
-
-    def _rebuild(self, config: DictConfig) -> None:
-        try:
-            results_dir = config.runtime.results_dir
-        except Exception:  # the config of a failed composition
-            return
-        with contextlib.suppress(FileNotFoundError):
-            write_tables(results_dir, config.runtime.get("cache_dir"))
-
-    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._rebuild(config)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._rebuild(config)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")

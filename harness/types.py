@@ -13,7 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["ImageSet", "ImageSetError"]
+__all__ = ["Budget", "NORMS", "ImageSet", "ImageSetError"]
+
+#: the norms a perturbation budget can be stated in
+NORMS = ("linf", "l2")
 
 
 class ImageSetError(ValueError):
@@ -118,3 +121,32 @@ class ImageSet:
             tuple(i for s in sets for i in s.ids),
             tuple(c for s in sets for c in s.captions),
         )
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A perturbation budget: a ``radius`` in the ``norm`` the defense optimises under ("linf" or "l2"), in
+    [0, 1] pixel units. ``note`` says how the radius is read where that is not plain (an L2 radius stated at
+    512 px and scaled to the images' size). A config's ``defense.eps`` is this radius, in this norm."""
+
+    norm: str
+    radius: float
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"a budget's norm must be one of {list(NORMS)}, got {self.norm!r}")
+        if not (self.radius >= 0):
+            raise ValueError(f"a budget's radius must be >= 0, got {self.radius!r}")
+
+    @property
+    def linf(self) -> float | None:
+        """The L-inf bound the budget implies (None for an L2 budget: it bounds no pixel on its own)."""
+        return self.radius if self.norm == "linf" else None
+
+    def as_dict(self) -> dict[str, object]:
+        return {"norm": self.norm, "radius": self.radius, **({"note": self.note} if self.note else {})}
+
+    def __str__(self) -> str:
+        r = f"{255 * self.radius:.4g}/255" if self.norm == "linf" else f"{self.radius:.4g}"
+        return f"{self.norm} {r}" + (f" ({self.note})" if self.note else "")

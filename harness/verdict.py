@@ -40,6 +40,9 @@ from typing import Any
 
 import numpy as np
 
+from harness.threat_models import threat_model as get_threat_model
+from harness.threat_models import threat_models
+
 __all__ = [
     "Estimate",
     "Verdict",
@@ -52,20 +55,16 @@ __all__ = [
     "controls_from_rows",
     "judge",
     "method_note",
-    "FLOOR",
+    "bootstrap_ci",
+    "binary_metrics",
+    "fmt_number",
+    "fmt_interval",
     "N_BOOTSTRAP",
     "OUTCOMES",
 ]
 
 N_BOOTSTRAP = 2000
 OUTCOMES = ("protects", "weak", "no measurable protection", "no verdict", "not measured")
-
-#: what the floor control is, per threat model
-FLOOR = {
-    "editing": "the same image edited with another seed",
-    "mimicry": "the base model prompted with the artist's captions, no finetune",
-}
-_ATTACK = {"editing": "edit", "mimicry": "mimic"}
 
 #: per condition: seed -> image id -> value
 Values = dict[Any, dict[str, float]]
@@ -86,12 +85,39 @@ class Estimate:
         return not (math.isnan(self.value) or math.isnan(self.low) or math.isnan(self.high))
 
     def fmt(self, digits: int = 2) -> str:
-        if not self.defined:
-            return "undefined"
-        return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+        return fmt_interval(self.value, self.low, self.high, digits) if self.defined else "undefined"
 
 
 NAN = Estimate(math.nan, math.nan, math.nan)
+
+
+def _missing(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def fmt_number(x: Any, digits: int | None = None) -> str:
+    """One number as every table and report prints it: ``digits`` decimals, or by default 1 decimal from 100,
+    2 from 10, 3 from 0.01 (and for 0), 3 significant digits below; ``-`` for a missing value."""
+    if _missing(x):
+        return "-"
+    if digits is not None:
+        return f"{x:.{digits}f}"
+    a = abs(x)
+    if a >= 100:
+        return f"{x:.1f}"
+    if a >= 10:
+        return f"{x:.2f}"
+    return f"{x:.3f}" if a >= 0.01 or a == 0 else f"{x:.3g}"
+
+
+def fmt_interval(mean: Any, low: Any, high: Any, digits: int | None = None) -> str:
+    """``mean [low, high]`` (:func:`fmt_number` each); the mean alone when there is no interval (a missing bound,
+    or one value: ``low == high == mean``), ``-`` when there is no mean."""
+    if _missing(mean):
+        return "-"
+    if _missing(low) or _missing(high) or (low == high == mean):
+        return fmt_number(mean, digits)
+    return f"{fmt_number(mean, digits)} [{fmt_number(low, digits)}, {fmt_number(high, digits)}]"
 
 
 def role_of(row: Mapping[str, Any], baseline: str = "noise") -> str:
@@ -297,8 +323,8 @@ def judge(
     """The verdict on one protection for one threat model and mimic, from its controls (module docstring)."""
     kw = {"binary": binary, "n_boot": n_boot, "level": level}
     name = metric.split("/", 1)[-1]
-    attack = _ATTACK.get(threat_model, "attack")
-    floor_text = FLOOR.get(threat_model, "the floor control")
+    tm = get_threat_model(threat_model, option="judge(threat_model=...)")
+    attack, floor_text = tm.attack, tm.floor
     means: dict[str, Estimate] = {}
     for role, values in (("clean", cs.clean), ("floor", cs.floor), ("noise", cs.noise.get("none"))):
         if values:
@@ -417,6 +443,7 @@ def judge(
 def method_note(min_effect: float, level: float = 0.95, n_boot: int = N_BOOTSTRAP) -> str:
     """The report's method note: the controls, the formulas and the thresholds (Markdown)."""
     pct = f"{100 * level:g}%"
+    floors = "; ".join(f"{tm.name}: {tm.floor}" for tm in threat_models().values())
     return "\n".join(
         [
             "## Method",
@@ -425,8 +452,7 @@ def method_note(min_effect: float, level: float = 0.95, n_boot: int = N_BOOTSTRA
             "",
             "- **positive control**: the attacker on the clean images (it must clearly beat the floor, or there "
             "is no verdict);",
-            f"- **floor**: the attacker with nothing useful (editing: {FLOOR['editing']}; mimicry: "
-            f"{FLOOR['mimicry']});",
+            f"- **floor**: the attacker with nothing useful ({floors});",
             "- **noise baseline**: uniform noise at the protection's realised L-inf budget on these images, under "
             "the same purifiers.",
             "",
@@ -453,3 +479,53 @@ def method_note(min_effect: float, level: float = 0.95, n_boot: int = N_BOOTSTRA
             "was not measured.",
         ]
     )
+
+
+def bootstrap_ci(
+    values_by_seed: Sequence[Sequence[float]] | Mapping[Any, Mapping[str, float]],
+    n_boot: int = N_BOOTSTRAP,
+    level: float = 0.95,
+    seed: int = 0,
+    binary: bool = False,
+) -> tuple[float, float, float]:
+    """Mean and percentile interval of the pooled mean, resampling seeds and then images within seeds (the
+    bootstrap of :func:`harness.verdict.paired_bootstrap` with one condition; ``binary``: Jeffreys-smoothed
+    replicates for yes/no values, so that 8 of 8 does not give [1, 1]).
+
+    Args:
+        values_by_seed: seed -> image id -> value (the verdicts' form: the same values give the same interval
+            there and here), or one sequence of per-image values per seed. NaN values do not count.
+
+    Returns:
+        (mean, low, high). With one seed and one image the interval is that value.
+    """
+    if isinstance(values_by_seed, Mapping):
+        values = {s: {str(i): float(v) for i, v in d.items()} for s, d in values_by_seed.items()}
+    else:
+        values = {s: {str(i): float(v) for i, v in enumerate(vs)} for s, vs in enumerate(values_by_seed)}
+    e = paired_bootstrap({"x": values}, lambda m: m["x"], binary=binary, n_boot=n_boot, level=level, seed=seed)
+    return e.value, e.low, e.high
+
+
+def binary_metrics(rows: list[dict[str, Any]]) -> set[str]:
+    """The result names (``<threat model>/<metric>``) of yes/no metrics in ``rows``: those whose configured
+    class declares ``binary = True`` (e.g. the zero-shot style match)."""
+    import importlib
+
+    out: set[str] = set()
+    seen: dict[str, bool] = {}
+    for row in rows:
+        metrics_cfg = (row.get("config") or {}).get("metrics") or {}
+        for name, node in metrics_cfg.items():
+            target = (node or {}).get("_target_") if isinstance(node, dict) else None
+            if not target:
+                continue
+            if target not in seen:
+                module, _, cls = target.rpartition(".")
+                try:
+                    seen[target] = bool(getattr(getattr(importlib.import_module(module), cls), "binary", False))
+                except (ImportError, AttributeError):
+                    seen[target] = False
+            if seen[target]:
+                out |= {m for m in [*row.get("per_image", {}), *row.get("set_metrics", {})] if m.endswith(f"/{name}")}
+    return out

@@ -89,7 +89,7 @@ def test_budget_sweep_draws_success_against_budget(tmp_path):
         "defense.steps=2",
         *FAST,
         "audit.purifiers=[none]",
-        "audit.budgets=[0.01,0.03,0.05]",
+        "audit.budget_sweep.radii=[0.01,0.03,0.05]",
     )
     assert main(args) == 0
     folder = tmp_path / "R" / "audits" / "photoguard_encoder-steps-2"
@@ -97,6 +97,15 @@ def test_budget_sweep_draws_success_against_budget(tmp_path):
     report = (folder / "report.md").read_text()
     # 0.03 is the protection's own budget: that point is the protected run, not a second copy of it
     assert report.count("| budget sweep (") == 2 and "![success vs budget](budget_editing.png)" in report
+
+
+def test_budget_sweep_refuses_a_norm_it_does_not_sweep(tmp_path, capsys):
+    # photoguard_diffusion's budget is an L2 radius: an L-inf sweep of defense.eps would mean another thing
+    args = audit_args(tmp_path, "defense=photoguard_diffusion", *FAST, "audit.budget_sweep.radii=[0.5,2.0]")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "audit.budget_sweep.norm=linf" in err and "l2" in err
+    assert not (tmp_path / "R" / "audits").exists()  # refused before any run
 
 
 def test_mimicry_audit_runs_finetunes_and_skips_editing(tmp_path):

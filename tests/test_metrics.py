@@ -85,7 +85,7 @@ def test_set_metrics_reach_rows_and_tables(tmp_path):
     from harness.models import ModelSpec
     from harness.pipeline import Experiment, run_experiment
     from harness.protocols import Context
-    from harness.tables import summarize
+    from harness.summary import summarize
     from purifiers.identity import NoPurifier
 
     class Data:

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from harness.tables import bootstrap_ci, defense_objectives, summarize
+from harness.summary import defense_objectives, summarize
+from harness.verdict import bootstrap_ci
 
 
 def _row(defense, purifier, values, seed=0, ids=("a", "b", "c"), info=None, control=""):
@@ -96,7 +97,7 @@ def test_purification_table_sets_each_purifier_beside_its_distortion_on_clean_im
             "higher_is_better": {},
         }
 
-    from harness.tables import purification_table
+    from harness.summary import purification_table
 
     table, _ = summarize(
         [row("none", "jpeg", 0.0, 2.0), row("mist", "jpeg", 10.0, 9.0), row("mist", "none", 10.0, 10.0)]
