@@ -82,7 +82,7 @@ class StyleCloak(Defense):
                 f"defense.target_steps x defense.target_strength must be at least 1 denoising step, got "
                 f"{self.target_steps} x {self.target_strength}"
             )
-        self.budget = check_range("defense.budget", budget, 0.0, 1.0)
+        self.perceptual_budget = check_range("defense.budget", budget, 0.0, 1.0)
         self.alpha = check_range("defense.alpha", alpha, 0.0, 1e6)
         self.eps = check_range("defense.eps", eps, 0.0, 1.0)
         self.settings = PGDSettings(
@@ -131,7 +131,7 @@ class StyleCloak(Defense):
 
         def objective(x: torch.Tensor, draws) -> torch.Tensor:
             x0 = torch.stack([clean[i] for i in draws.ids]).to(x.device)
-            penalty = (perceptual_distance(x0, x) - self.budget).clamp_min(0)
+            penalty = (perceptual_distance(x0, x) - self.perceptual_budget).clamp_min(0)
             return feature_distance(x, draws) + self.alpha * penalty
 
         with frozen(vae):

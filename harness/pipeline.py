@@ -24,14 +24,22 @@ from harness.cache import ArtifactStore, canonical_json, load_imageset, save_ima
 from harness.metrics import LatentDistance, budget_metrics
 from harness.protocols import Context, Defense, Metric, Mimic, Purifier, SetMetric
 from harness.seeding import derive_seed, make_generator
-from harness.threat_models import threat_model
+from harness.threat_models import ThreatModel, threat_model
 from harness.types import ImageSet
 
-__all__ = ["Experiment", "StageRecord", "RunResult", "run_experiment", "realised_linf"]
+__all__ = [
+    "Experiment",
+    "StageRecord",
+    "RunResult",
+    "RunState",
+    "Stage",
+    "STAGE_SEQUENCE",
+    "run_experiment",
+    "planned_keys",
+    "realised_linf",
+]
 
 log = logging.getLogger(__name__)
-
-STAGES = ("data", "protect", "purify", "mimic", "mimic_clean", "measure")
 
 
 @dataclass
@@ -155,8 +163,22 @@ def _model_cfg(component: Any, exp: Experiment) -> dict[str, Any]:
     return extra
 
 
+def _data_key(exp: Experiment) -> str:
+    return stage_key("data", {}, {"dataset": exp.configs["dataset"]}, exp.dataset.version, None)
+
+
+def _protect_key(exp: Experiment, k_data: str) -> str:
+    return stage_key(
+        "protect",
+        {"data": k_data},
+        {"defense": exp.configs["defense"], **_model_cfg(exp.defense, exp)},
+        exp.defense.version,
+        derive_seed(exp.seed, "protect"),
+    )
+
+
 def _data_stage(exp: Experiment, store: ArtifactStore) -> tuple[ImageSet, StageRecord]:
-    k_data = stage_key("data", {}, {"dataset": exp.configs["dataset"]}, exp.dataset.version, None)
+    k_data = _data_key(exp)
     clean, record = _stage_images(store, "data", k_data, None, exp.dataset.name, lambda: (exp.dataset.load(), {}))
     if len(clean) == 0:
         raise RuntimeError("the dataset is empty")
@@ -167,13 +189,7 @@ def _protect_stage(
     exp: Experiment, store: ArtifactStore, ctx: Context, clean: ImageSet, k_data: str
 ) -> tuple[ImageSet, StageRecord]:
     s_protect = derive_seed(exp.seed, "protect")
-    k_protect = stage_key(
-        "protect",
-        {"data": k_data},
-        {"defense": exp.configs["defense"], **_model_cfg(exp.defense, exp)},
-        exp.defense.version,
-        s_protect,
-    )
+    k_protect = _protect_key(exp, k_data)
 
     def do_protect() -> tuple[ImageSet, dict[str, Any]]:
         out = exp.defense.protect(clean, make_generator(s_protect), ctx)
@@ -192,148 +208,301 @@ def realised_linf(exp: Experiment, store: ArtifactStore, ctx: Context) -> float:
     return float((protected.images - clean.images).abs().amax()) if len(clean) else 0.0
 
 
-def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunResult:
-    """Run every stage of ``exp`` through ``store`` and measure. Returns per-image metric values."""
-    rec: dict[str, StageRecord] = {}
-    cfg = exp.configs
-    if exp.control not in (None, "floor"):
-        raise ValueError(f"Experiment.control must be None or 'floor', got {exp.control!r}")
+@dataclass
+class RunState:
+    """What the stages of one run share: the experiment, the store and context, and what earlier stages made."""
 
-    clean, rec["data"] = _data_stage(exp, store)
-    k_data = rec["data"].key
-    protected, rec["protect"] = _protect_stage(exp, store, ctx, clean, k_data)
-    k_protect = rec["protect"].key
-    # purify
-    s_purify = derive_seed(exp.seed, "purify")
-    k_purify = stage_key(
-        "purify",
-        {"protect": k_protect},
-        {"purifier": cfg["purifier"], **_model_cfg(exp.purifier, exp)},
-        exp.purifier.version,
-        s_purify,
-    )
+    exp: Experiment
+    store: ArtifactStore
+    ctx: Context
+    images: dict[str, ImageSet] = field(default_factory=dict)
+    records: dict[str, StageRecord] = field(default_factory=dict)
+    per_image: dict[str, list[float]] = field(default_factory=dict)
+    per_set: dict[str, float] = field(default_factory=dict)
+    higher: dict[str, bool] = field(default_factory=dict)
 
-    def do_purify() -> tuple[ImageSet, dict[str, Any]]:
-        out = exp.purifier.purify(protected, make_generator(s_purify), ctx)
-        _check_same_layout("purify", protected, out.images)
-        return out.images, {"params": dict(out.params), "randomized": bool(exp.purifier.randomized)}
+    @property
+    def threat_model(self) -> ThreatModel:
+        mimic = self.exp.mimic
+        return threat_model(mimic.threat_model, option=f"mimic {mimic.name}: threat_model")
 
-    purified, rec["purify"] = _stage_images(store, "purify", k_purify, s_purify, exp.purifier.name, do_purify)
+    def mimic_seed(self) -> int:
+        return derive_seed(self.exp.seed, "mimic")
 
-    per_image: dict[str, list[float]] = {}
-    per_set: dict[str, float] = {}
-    higher: dict[str, bool] = {}
-    # the protection's realised budget, and how far the purifier moved the images from the clean ones
-    for name, metric in budget_metrics().items():
-        pairs = [("budget", protected)] + ([("purified", purified)] if name in ("psnr", "ssim") else [])
-        for prefix, images in pairs:
-            per_image[f"{prefix}/{name}"] = metric(images, clean).tolist()
-            higher[f"{prefix}/{name}"] = metric.higher_is_better
-    # the same in the model's latent space: how far the purifier brought the latent back to the clean one
-    vae = _model_vae(ctx) if exp.model is not None else None
-    if vae is not None:
-        latent = LatentDistance(vae, ctx.batch_size)
+    def mimic_config(self) -> dict[str, Any]:
+        return {"mimic": self.exp.configs["mimic"], **_model_cfg(self.exp.mimic, self.exp)}
+
+
+class Stage:
+    """One step of a run. ``applies`` says whether it runs for this experiment; ``run`` loads or computes its
+    output through the store and leaves it (and its :class:`StageRecord`) in the :class:`RunState`."""
+
+    #: the record's name in ``RunResult.stages`` (None: the stage stores nothing)
+    record: str | None = None
+
+    def applies(self, s: RunState) -> bool:
+        return True
+
+    def key(self, s: RunState) -> str | None:
+        """The stage's key, from the keys of the records before it (None: nothing stored)."""
+        return None
+
+    def run(self, s: RunState) -> None:
+        raise NotImplementedError
+
+
+class DataStage(Stage):
+    record = "data"
+
+    def key(self, s: RunState) -> str:
+        return _data_key(s.exp)
+
+    def run(self, s: RunState) -> None:
+        s.images["clean"], s.records["data"] = _data_stage(s.exp, s.store)
+
+
+class ProtectStage(Stage):
+    record = "protect"
+
+    def key(self, s: RunState) -> str:
+        return _protect_key(s.exp, s.records["data"].key)
+
+    def run(self, s: RunState) -> None:
+        clean, k_data = s.images["clean"], s.records["data"].key
+        s.images["protected"], s.records["protect"] = _protect_stage(s.exp, s.store, s.ctx, clean, k_data)
+
+
+class PurifyStage(Stage):
+    record = "purify"
+
+    def key(self, s: RunState) -> str:
+        exp = s.exp
+        return stage_key(
+            "purify",
+            {"protect": s.records["protect"].key},
+            {"purifier": exp.configs["purifier"], **_model_cfg(exp.purifier, exp)},
+            exp.purifier.version,
+            derive_seed(exp.seed, "purify"),
+        )
+
+    def run(self, s: RunState) -> None:
+        exp, protected = s.exp, s.images["protected"]
+        s_purify = derive_seed(exp.seed, "purify")
+        k_purify = self.key(s)
+
+        def do_purify() -> tuple[ImageSet, dict[str, Any]]:
+            out = exp.purifier.purify(protected, make_generator(s_purify), s.ctx)
+            _check_same_layout("purify", protected, out.images)
+            return out.images, {"params": dict(out.params), "randomized": bool(exp.purifier.randomized)}
+
+        s.images["purified"], s.records["purify"] = _stage_images(
+            s.store, "purify", k_purify, s_purify, exp.purifier.name, do_purify
+        )
+
+
+class BudgetStage(Stage):
+    """The protection's realised budget, and how far the purifier moved the images from the clean ones, in
+    pixels and in the model's latent space (computed every run: cheap, and never cached)."""
+
+    def run(self, s: RunState) -> None:
+        clean, protected, purified = s.images["clean"], s.images["protected"], s.images["purified"]
+        for name, metric in budget_metrics().items():
+            pairs = [("budget", protected)] + ([("purified", purified)] if name in ("psnr", "ssim") else [])
+            for prefix, images in pairs:
+                s.per_image[f"{prefix}/{name}"] = metric(images, clean).tolist()
+                s.higher[f"{prefix}/{name}"] = metric.higher_is_better
+        vae = _model_vae(s.ctx) if s.exp.model is not None else None
+        if vae is None:
+            return
+        latent = LatentDistance(vae, s.ctx.batch_size)
         before, after = latent(protected, clean), latent(purified, clean)
-        per_image["budget/latent_l2"], per_image["purified/latent_l2"] = before.tolist(), after.tolist()
+        s.per_image["budget/latent_l2"], s.per_image["purified/latent_l2"] = before.tolist(), after.tolist()
         # 1: the purifier left the protection's latent shift as it was; 0: it removed it; nan without a shift
         ratio = torch.where(before > 1e-9, after / before.clamp_min(1e-9), torch.full_like(before, float("nan")))
-        per_image["purified/latent_l2_ratio"] = ratio.tolist()
+        s.per_image["purified/latent_l2_ratio"] = ratio.tolist()
         for k in ("budget/latent_l2", "purified/latent_l2", "purified/latent_l2_ratio"):
-            higher[k] = False
+            s.higher[k] = False
 
-    # mimic (on the purified images, and on the clean ones as the reference for editing)
-    if exp.mimic is not None:
-        s_mimic = derive_seed(exp.seed, "mimic")
-        mimic_cfg = {"mimic": cfg["mimic"], **_model_cfg(exp.mimic, exp)}
+
+class MimicStage(Stage):
+    """The attacker on the purified images, or with ``control="floor"`` the mimic's floor on the clean ones."""
+
+    def applies(self, s: RunState) -> bool:
+        return s.exp.mimic is not None
+
+    record = "mimic"
+
+    def key(self, s: RunState) -> str:
+        exp, mimic_cfg = s.exp, s.mimic_config()
+        if exp.control == "floor":  # keyed on the clean data: the floor never sees the protection
+            parents, key_cfg = {"data": s.records["data"].key}, {**mimic_cfg, "control": "floor"}
+        else:
+            parents, key_cfg = {"purify": s.records["purify"].key}, mimic_cfg
+        return stage_key("mimic", parents, key_cfg, exp.mimic.version, s.mimic_seed())
+
+    def run(self, s: RunState) -> None:
+        exp, seed = s.exp, s.mimic_seed()
         if exp.control == "floor":  # the attacker with nothing useful: no finetune, or another seed's edit
-            parents, mimic_key_cfg, label = (
-                {"data": k_data},
-                {**mimic_cfg, "control": "floor"},
-                f"{exp.mimic.name} (floor)",
-            )
-            attack = lambda: (exp.mimic.floor(clean, make_generator(s_mimic), ctx), {})  # noqa: E731
+            clean, label = s.images["clean"], f"{exp.mimic.name} (floor)"
+            attack = lambda: (exp.mimic.floor(clean, make_generator(seed), s.ctx), {})  # noqa: E731
         else:
-            parents, mimic_key_cfg, label = {"purify": k_purify}, mimic_cfg, exp.mimic.name
-            attack = lambda: (exp.mimic.run(purified, make_generator(s_mimic), ctx), {})  # noqa: E731
-        k_mimic = stage_key("mimic", parents, mimic_key_cfg, exp.mimic.version, s_mimic)
-        outputs, rec["mimic"] = _stage_images(store, "mimic", k_mimic, s_mimic, label, attack)
-        tm = threat_model(exp.mimic.threat_model, option=f"mimic {exp.mimic.name}: threat_model")
-        if tm.reference == "clean_run":
-            k_ref = stage_key("mimic", {"data": k_data}, mimic_cfg, exp.mimic.version, s_mimic)
-            references, rec["mimic_clean"] = _stage_images(
-                store,
-                "mimic",
-                k_ref,
-                s_mimic,
-                f"{exp.mimic.name} (clean)",
-                lambda: (exp.mimic.run(clean, make_generator(s_mimic), ctx), {}),
-            )
-        else:
-            references = clean
-        # set-level mimicry measures compare the generations with the artist's held-out images where the dataset
-        # has them (artworks the mimic never trained on); per-image measures pair each generation with its
-        # training image's id
-        set_references = references
-        held_out = getattr(exp.dataset, "held_out", None)
-        if (
-            tm.reference == "clean_images"
-            and callable(held_out)
-            and any(isinstance(m, SetMetric) for m in exp.metrics.values())
-        ):
-            k_held = stage_key("data", {}, {"dataset": cfg["dataset"], "part": "held_out"}, exp.dataset.version, None)
-            set_references, rec["held_out"] = _stage_images(
-                store, "data", k_held, None, f"{exp.dataset.name} (held out)", lambda: (held_out(), {})
-            )
+            purified, label = s.images["purified"], exp.mimic.name
+            attack = lambda: (exp.mimic.run(purified, make_generator(seed), s.ctx), {})  # noqa: E731
+        s.images["outputs"], s.records["mimic"] = _stage_images(s.store, "mimic", self.key(s), seed, label, attack)
 
-        # measure: cached as JSON, keyed by its inputs and the metric configs
-        parents = {s: r.key for s, r in rec.items()}
-        k_measure = stage_key(
+
+class ReferenceStage(Stage):
+    """What the outputs are compared with, by the threat model: the mimic's own run on the clean images under
+    the same seed (``clean_run``), or the clean images (``clean_images``)."""
+
+    record = "mimic_clean"
+
+    def applies(self, s: RunState) -> bool:
+        return s.exp.mimic is not None
+
+    def key(self, s: RunState) -> str | None:
+        if s.threat_model.reference != "clean_run":
+            return None
+        data = {"data": s.records["data"].key}
+        return stage_key("mimic", data, s.mimic_config(), s.exp.mimic.version, s.mimic_seed())
+
+    def run(self, s: RunState) -> None:
+        exp, clean = s.exp, s.images["clean"]
+        k_ref = self.key(s)
+        if k_ref is None:
+            s.images["references"] = clean
+            return
+        seed = s.mimic_seed()
+        s.images["references"], s.records["mimic_clean"] = _stage_images(
+            s.store,
+            "mimic",
+            k_ref,
+            seed,
+            f"{exp.mimic.name} (clean)",
+            lambda: (exp.mimic.run(clean, make_generator(seed), s.ctx), {}),
+        )
+
+
+class HeldOutStage(Stage):
+    """Set-level mimicry measures compare the generations with the artist's held-out images where the dataset
+    has them (artworks the mimic never trained on); per-image measures pair each generation with its training
+    image's id."""
+
+    def applies(self, s: RunState) -> bool:
+        return (
+            s.exp.mimic is not None
+            and s.threat_model.reference == "clean_images"
+            and callable(getattr(s.exp.dataset, "held_out", None))
+            and any(isinstance(m, SetMetric) for m in s.exp.metrics.values())
+        )
+
+    record = "held_out"
+
+    def key(self, s: RunState) -> str:
+        exp = s.exp
+        return stage_key("data", {}, {"dataset": exp.configs["dataset"], "part": "held_out"}, exp.dataset.version, None)
+
+    def run(self, s: RunState) -> None:
+        exp = s.exp
+        s.images["set_references"], s.records["held_out"] = _stage_images(
+            s.store, "data", self.key(s), None, f"{exp.dataset.name} (held out)", lambda: (exp.dataset.held_out(), {})
+        )
+
+
+class MeasureStage(Stage):
+    """The metrics on the outputs against their references: cached as JSON, keyed by every earlier stage and
+    the metric configs."""
+
+    def applies(self, s: RunState) -> bool:
+        return s.exp.mimic is not None
+
+    record = "measure"
+
+    def key(self, s: RunState) -> str:
+        exp = s.exp
+        return stage_key(
             "measure",
-            parents,
-            {"metrics": cfg.get("metrics", {})},
+            {name: r.key for name, r in s.records.items()},
+            {"metrics": exp.configs.get("metrics", {})},
             canonical_json({n: m.version for n, m in exp.metrics.items()}),
             None,
         )
+
+    def run(self, s: RunState) -> None:
+        exp = s.exp
+        k_measure = self.key(s)
         t0 = time.perf_counter()
-        art = store.get("measure", k_measure)
+        art = s.store.get("measure", k_measure)
         if art is not None:
             measured = art.meta()
             # canonical JSON stores a non-finite value (a refused FID: NaN) as its repr; float() reads it back
             measured["per_image"] = {k: [float(x) for x in v] for k, v in measured["per_image"].items()}
             measured["per_set"] = {k: float(v) for k, v in measured.get("per_set", {}).items()}
-            cached = True
         else:
-            measured = {"per_image": {}, "higher_is_better": {}}
-            measured["per_set"] = {}
-            for name, metric in exp.metrics.items():
-                key = tm.result_key(name)
-                if isinstance(metric, SetMetric):  # FID, KID: one number for the two sets
-                    measured["per_set"][key] = float(metric.value(outputs, set_references))
-                else:
-                    measured["per_image"][key] = metric(outputs, references).tolist()
-                measured["higher_is_better"][key] = metric.higher_is_better
-            store.put("measure", k_measure, lambda f: (Path(f) / "meta.json").write_text(canonical_json(measured)))
-            cached = False
+            measured = self.measure(s)
+            s.store.put("measure", k_measure, lambda f: (Path(f) / "meta.json").write_text(canonical_json(measured)))
         dt = time.perf_counter() - t0
-        log.info(
-            "%-11s %-24s %-9s (key %s, %.2f s)",
-            "measure",
-            ",".join(exp.metrics),
-            "cached" if cached else "computed",
-            k_measure[:12],
-            dt,
-        )
-        rec["measure"] = StageRecord("measure", k_measure, cached, dt, dt, None)
-        per_image.update(measured["per_image"])
-        per_set.update(measured.get("per_set", {}))
-        higher.update(measured["higher_is_better"])
+        state = "cached" if art is not None else "computed"
+        log.info("%-11s %-24s %-9s (key %s, %.2f s)", "measure", ",".join(exp.metrics), state, k_measure[:12], dt)
+        s.records["measure"] = StageRecord("measure", k_measure, art is not None, dt, dt, None)
+        s.per_image.update(measured["per_image"])
+        s.per_set.update(measured.get("per_set", {}))
+        s.higher.update(measured["higher_is_better"])
 
+    @staticmethod
+    def measure(s: RunState) -> dict[str, Any]:
+        outputs, references = s.images["outputs"], s.images["references"]
+        set_references = s.images.get("set_references", references)
+        measured: dict[str, Any] = {"per_image": {}, "higher_is_better": {}, "per_set": {}}
+        for name, metric in s.exp.metrics.items():
+            key = s.threat_model.result_key(name)
+            if isinstance(metric, SetMetric):  # FID, KID: one number for the two sets
+                measured["per_set"][key] = float(metric.value(outputs, set_references))
+            else:
+                measured["per_image"][key] = metric(outputs, references).tolist()
+            measured["higher_is_better"][key] = metric.higher_is_better
+        return measured
+
+
+#: the stages of a run, in order
+STAGE_SEQUENCE: tuple[Stage, ...] = (
+    DataStage(),
+    ProtectStage(),
+    PurifyStage(),
+    BudgetStage(),
+    MimicStage(),
+    ReferenceStage(),
+    HeldOutStage(),
+    MeasureStage(),
+)
+
+
+def planned_keys(exp: Experiment) -> dict[str, str]:
+    """The stage keys a run of ``exp`` would have, computed without running or reading anything (what
+    ``python -m harness.rerun --check-keys`` compares with the keys the committed rows recorded)."""
+    s = RunState(exp, store=None, ctx=Context())  # type: ignore[arg-type]
+    for stage in STAGE_SEQUENCE:
+        if stage.record and stage.applies(s):
+            key = stage.key(s)
+            if key is not None:
+                s.records[stage.record] = StageRecord(stage.record, key, False, 0.0, 0.0, None)
+    return {name: r.key for name, r in s.records.items()}
+
+
+def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunResult:
+    """Run every stage of ``exp`` through ``store`` and measure. Returns per-image metric values."""
+    if exp.control not in (None, "floor"):
+        raise ValueError(f"Experiment.control must be None or 'floor', got {exp.control!r}")
+    s = RunState(exp, store, ctx)
+    for stage in STAGE_SEQUENCE:
+        if stage.applies(s):
+            stage.run(s)
     return RunResult(
-        stages=rec,
-        per_image=per_image,
-        image_ids=list(clean.ids),
-        higher_is_better=higher,
-        defense_info=rec["protect"].extra.get("info", {}),
-        purifier_params=rec["purify"].extra.get("params", {}),
-        per_set=per_set,
+        stages=s.records,
+        per_image=s.per_image,
+        image_ids=list(s.images["clean"].ids),
+        higher_is_better=s.higher,
+        defense_info=s.records["protect"].extra.get("info", {}),
+        purifier_params=s.records["purify"].extra.get("params", {}),
+        per_set=s.per_set,
     )

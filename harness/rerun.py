@@ -8,6 +8,7 @@ the tables:
 
     python -m harness.rerun results --where defense=mist --where purifier=noisy_upscale
     python -m harness.rerun results --where mimic=none,purifier=none --dry-run
+    python -m harness.rerun results --check-keys     # after a refactor: are the cached results still found?
 
 ``--where`` takes ``label=value`` pairs joined by commas (all must hold; a value matches the whole label or its
 name before ``[``); several ``--where`` select the rows any of them selects. Without ``--where``: every row.
@@ -26,7 +27,7 @@ from typing import Any
 
 from harness.summary import load_rows
 
-__all__ = ["overrides_of", "select", "main"]
+__all__ = ["overrides_of", "select", "check_keys", "main"]
 
 log = logging.getLogger("harness.rerun")
 
@@ -69,12 +70,47 @@ def select(rows: Sequence[Mapping[str, Any]], where: Sequence[str]) -> list[Mapp
     return [r for r in rows if not where or any(_matches(r["labels"], w) for w in where)]
 
 
+def check_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Compare each row's recorded stage keys with the keys today's code gives the config it recorded, without
+    running anything (:func:`harness.pipeline.planned_keys`; a noise control uses the realised budget its row
+    records). Returns one line per row whose keys differ (empty: every cached result is still found under its
+    key). A component whose ``version`` changed since the row ran shows here too: such rows are re-run."""
+    from omegaconf import OmegaConf
+
+    from harness.errors import HarnessError
+    from harness.pipeline import planned_keys
+    from harness.run import as_control, build_experiment, control_of
+
+    changed = []
+    for row in rows:
+        cfg = OmegaConf.create(row["config"])  # as the row ran it (option_overrides applied)
+        try:
+            exp = build_experiment(cfg)
+        except HarnessError as err:  # an option that no longer exists (the component changed since)
+            changed.append(f"{row['run_id']}: cannot build the config it recorded: {err}")
+            continue
+        control = control_of(cfg)
+        if control is not None:
+            linf = (row.get("control") or {}).get("realised_linf")
+            exp, _ = as_control(cfg, exp, control, None, None, linf=linf)
+        planned, recorded = planned_keys(exp), row.get("stage_keys", {})
+        differ = sorted(s for s in set(planned) | set(recorded) if planned.get(s) != recorded.get(s))
+        if differ:
+            changed.append(f"{row['run_id']} ({' '.join(overrides_of(row)[:6])}): stage keys differ in {differ}")
+    return changed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.rerun", description=__doc__.split("\n\n")[0])
     parser.add_argument("results_dir", help="folder holding runs/ (e.g. results)")
     parser.add_argument("--where", action="append", default=[], help="label=value[,label=value]; repeatable")
     parser.add_argument("--cache-dir", default="results/cache", help="artifact cache (default: results/cache)")
     parser.add_argument("--dry-run", action="store_true", help="print the overrides of each selected row")
+    parser.add_argument(
+        "--check-keys",
+        action="store_true",
+        help="run nothing: check that each selected row's stage keys are the ones its overrides give today",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     results = Path(args.results_dir)
@@ -85,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not rows:
         print(f"error: no row in {results / 'runs'} matches {args.where}", file=sys.stderr)
         return 2
+    if args.check_keys:
+        changed = check_keys(rows)
+        print("\n".join(changed) or f"the stage keys of all {len(rows)} rows are unchanged")
+        return 1 if changed else 0
     from harness.run import compose_config, run_from_config
     from harness.tables import write_tables
 

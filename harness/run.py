@@ -183,8 +183,13 @@ def _option_config(group: str, option: str, **values: Any) -> DictConfig:
     return OmegaConf.merge(node, values) if values else node
 
 
-def _as_control(
-    cfg: DictConfig, exp: Experiment, control: str, store: ArtifactStore, ctx: Context
+def as_control(
+    cfg: DictConfig,
+    exp: Experiment,
+    control: str,
+    store: ArtifactStore | None,
+    ctx: Context | None,
+    linf: float | None = None,
 ) -> tuple[Experiment, dict[str, Any]]:
     """``exp`` turned into one of its controls. Returns the experiment and what the row records about it.
 
@@ -192,11 +197,14 @@ def _as_control(
     - ``noise``: uniform noise whose L-inf bound is the configured defense's *realised* L-inf budget on these
       images (its protect stage is run or found in the store first), the configured purifier and mimic;
     - ``floor``: no protection, no purifier, the mimic's floor (:meth:`harness.protocols.Mimic.floor`).
+
+    ``linf``: the realised budget when it is already known (a row records it); otherwise it is measured.
     """
     configs = dict(exp.configs)
     info: dict[str, Any] = {"kind": control}
     if control == "noise":
-        linf = realised_linf(exp, store, ctx)
+        if linf is None:
+            linf = realised_linf(exp, store, ctx)
         eps = round(linf * 255) / 255  # stored images are 8-bit: the realised budget is a whole number of levels
         info.update(realised_linf=linf, eps=eps, matched_to=dict(configs["defense"] or {}))
         node = _option_config("defense", "noise", eps=eps)
@@ -297,7 +305,7 @@ def run_from_config(
     store = ArtifactStore(rt.cache_dir)
     control_info = None
     if control is not None:
-        exp, control_info = _as_control(cfg, exp, control, store, ctx)
+        exp, control_info = as_control(cfg, exp, control, store, ctx)
     result = run_experiment(exp, store, ctx)
     row = make_row(cfg, exp, result, labels, device)
     if control_info is not None:
