@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ import pandas as pd
 from harness.cache import ArtifactStore, atomic_write_text, load_imageset
 from harness.report import html_page, safe_filename, save_grid
 from harness.summary import BEST_OF, summarize
-from harness.verdict import binary_metrics, controls_from_rows, fmt_interval, judge, method_note
+from harness.verdict import binary_metrics, controls_from_rows, fmt_interval, judge, method_note, verdict_settings
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +88,14 @@ def _grid(store: ArtifactStore, lines: list[tuple[str, str, str | None]], out: P
 
 
 def _write_grid(
-    store: ArtifactStore | None, lines: list[tuple[str, str, str | None]], out: Path, n: int, md: list[str], title: str
-) -> None:
+    store: ArtifactStore | None, lines: list[tuple[str, str, str | None]], out: Path, n: int, title: str
+) -> list[str]:
+    """Draw the grid (or keep the one already at ``out``) and return its report lines (none without a grid)."""
     made = _grid(store, lines, out, n) if store is not None else None
     if made is None and not out.is_file():
-        return
+        return []
     legend = "; ".join(f"row {i + 1}: {label}" for i, (label, _, _) in enumerate(lines))
-    md += [f"![{title}]({out.name})", "", f"{title}. Grid rows: {legend}.", ""]
+    return [f"![{title}]({out.name})", "", f"{title}. Grid rows: {legend}.", ""]
 
 
 def _role_column(table: pd.DataFrame, baseline: str) -> pd.Series:
@@ -105,6 +108,65 @@ def _role_column(table: pd.DataFrame, baseline: str) -> pd.Series:
         return {"none": "clean", baseline: "noise"}.get(_base(d), "protected")
 
     return pd.Series([role(d, c) for d, c in zip(table["defense"], table["control"], strict=True)], index=table.index)
+
+
+@dataclass
+class _Experiment:
+    """What every section of an experiment report reads: the rows, their summary table (with each line's role),
+    the ``report`` settings, and the first seed's row per (defense, control, purifier, mimic)."""
+
+    results_dir: Path
+    rows: list[dict[str, Any]]
+    spec: dict[str, Any]
+    table: pd.DataFrame
+    higher: dict[str, bool]
+    store: ArtifactStore | None
+    # the verdict's settings (:func:`harness.verdict.verdict_settings`)
+    baseline: str
+    min_effect: float
+
+    @property
+    def success(self) -> str:
+        return str(self.spec["success"])
+
+    @property
+    def columns(self) -> list[str]:
+        return [str(c) for c in self.spec.get("columns") or [self.success]]
+
+    @property
+    def n_images(self) -> int:
+        return int(self.spec.get("grid_images", 6))
+
+    @cached_property
+    def seeds(self) -> list[Any]:
+        return sorted({r.get("seed") for r in self.rows})
+
+    @cached_property
+    def mimics(self) -> list[str]:
+        return list(dict.fromkeys(self.table["mimic"]))
+
+    @cached_property
+    def plain(self) -> pd.DataFrame:
+        """The summary lines of single purifiers (without the best-of lines)."""
+        return self.table[~self.table["purifier"].astype(str).str.startswith(BEST_OF)]
+
+    @cached_property
+    def protections(self) -> list[str]:
+        plain = self.plain
+        return sorted(set(plain.loc[plain["role"] == "protected", "defense"]))
+
+    @cached_property
+    def by_label(self) -> dict[tuple[str, str, str, str], dict[str, Any]]:
+        out = {}
+        first_seed = self.seeds[0]
+        for r in self.rows:
+            lab = r["labels"]
+            if r.get("seed") == first_seed:
+                out[(lab["defense"], lab.get("control", ""), lab["purifier"], lab["mimic"])] = r
+        return out
+
+    def arrow(self, metric: str) -> str:
+        return "↑" if self.higher.get(metric, True) else "↓"
 
 
 def write_experiment_report(
@@ -125,194 +187,65 @@ def write_experiment_report(
     results_dir = Path(results_dir)
     store = ArtifactStore(cache_dir) if cache_dir is not None and Path(cache_dir).is_dir() else None
     table, higher = summary if summary is not None else summarize(rows)
-    success = str(spec["success"])
-    columns = [str(c) for c in spec.get("columns") or [success]]
-    baseline = str(spec.get("baseline", "noise"))
-    min_effect = float(spec.get("min_effect", 0.5))
-    n_images = int(spec.get("grid_images", 6))
-    name = spec["experiment"]
-    binary = binary_metrics(rows)
-    commits = sorted({str(r.get("provenance", {}).get("git", {}).get("commit", "?"))[:10] for r in rows})
-    seeds = sorted({r.get("seed") for r in rows})
+    baseline, min_effect, _, _ = verdict_settings(spec)  # the findings use judge's default level and n_boot
     table = table.copy()
     table["role"] = _role_column(table, baseline)
-    md = [
-        f"# {spec.get('title', name)}",
+    ex = _Experiment(results_dir, rows, spec, table, higher, store, baseline, min_effect)
+    tables, grids = (_metrics_tables(ex), _metrics_grids(ex)) if layout == "metrics" else _matrix_layout(ex)
+    md = [*_header(ex), *_findings(ex), *_refused_note(ex), *tables, "", method_note(ex.min_effect), ""]
+    if grids:
+        md += ["## Image grids", "", *grids]
+    md.append("Generated from the rows; do not edit. Rebuild with `python -m harness.tables`.")
+    text = "\n".join(md) + "\n"
+    atomic_write_text(results_dir / "report.md", text)
+    # the grids lie beside the report (committed with it): link them rather than embed megabytes of base64
+    title = str(spec.get("title", spec["experiment"]))
+    atomic_write_text(results_dir / "report.html", html_page(title, text, results_dir, embed_images=False))
+    log.info("experiment report: %s", results_dir / "report.md")
+    return results_dir / "report.md"
+
+
+def _header(ex: _Experiment) -> list[str]:
+    """The title, the command and where the numbers come from."""
+    name, rows = ex.spec["experiment"], ex.rows
+    commits = sorted({str(r.get("provenance", {}).get("git", {}).get("commit", "?"))[:10] for r in rows})
+    return [
+        f"# {ex.spec.get('title', name)}",
         "",
         f"Command: `python -m harness.run experiment={name}`  ",
         f"Generated by `harness.experiment_report` from the {len(rows)} result rows in `runs/` (code commit(s) "
         f"{', '.join(commits)}). Dataset `{rows[0]['labels']['dataset']}`, model "
-        f"`{rows[0]['labels']['model']}`, seed(s) {seeds}. Each cell: mean over images and seeds [95% bootstrap "
+        f"`{rows[0]['labels']['model']}`, seed(s) {ex.seeds}. Each cell: mean over images and seeds [95% bootstrap "
         "interval over seeds, then images]; set-level metrics (FID, KID, precision) are one number per run. "
         "Arrows: the attacker's better direction. Each protection has its own controls: the clean images "
         "(positive control), the floor and uniform noise at its realised L-inf budget (see Method).",
         "",
     ]
-    refused = [c for c in columns if c in table.columns or f"{c} mean" in table.columns]
-    refused = [c for c in refused if f"{c} mean" in table.columns and table[f"{c} mean"].isna().all()]
-    if refused:
-        md += [
-            "Not reported: "
-            + ", ".join(f"`{_short(c)}`" for c in refused)
-            + " (every run refused it: FID and precision need more images per set than the features have "
-            "dimensions, see harness/metrics/distribution.py; KID is unbiased at any set size).",
-            "",
-        ]
-    by_label: dict[tuple[str, str, str, str], dict[str, Any]] = {}
-    for r in rows:
-        lab = r["labels"]
-        if r.get("seed") == seeds[0]:
-            by_label[(lab["defense"], lab.get("control", ""), lab["purifier"], lab["mimic"])] = r
 
-    def arrow(m: str) -> str:
-        return "↑" if higher.get(m, True) else "↓"
 
+def _findings(ex: _Experiment) -> list[str]:
+    """One verdict per mimic and protection (:func:`harness.verdict.judge`), as sentences and as a table."""
+    binary = binary_metrics(ex.rows)
     findings: list[str] = []
     effects: list[str] = []
-    grids: list[str] = []
-    mimics = list(dict.fromkeys(table["mimic"]))
-    plain = table[~table["purifier"].astype(str).str.startswith(BEST_OF)]
-    protections = sorted(set(plain.loc[plain["role"] == "protected", "defense"]))
-
-    def control_line(t_m: pd.DataFrame, role: str) -> pd.Series | None:
-        hit = t_m[(t_m["role"] == role) & (t_m["purifier"] == "none")]
-        return hit.iloc[0] if len(hit) else None
-
-    for mimic in mimics:
-        m_rows = [r for r in rows if r["labels"]["mimic"] == mimic]
-        for d in protections:
+    for mimic in ex.mimics:
+        m_rows = [r for r in ex.rows if r["labels"]["mimic"] == mimic]
+        for d in ex.protections:
             v = judge(
-                controls_from_rows(m_rows, d, success, baseline),
-                threat_model=success.split("/", 1)[0],
+                controls_from_rows(m_rows, d, ex.success, ex.baseline),
+                threat_model=ex.success.split("/", 1)[0],
                 defense=d,
-                metric=success,
-                higher=higher.get(success, True),
-                binary=success in binary,
-                min_effect=min_effect,
+                metric=ex.success,
+                higher=ex.higher.get(ex.success, True),
+                binary=ex.success in binary,
+                min_effect=ex.min_effect,
             )
             findings.append(v.sentence.replace(": ", f" ({mimic}): ", 1))
             effects.append(
                 f"| {mimic} | {d} | {v.outcome} | {v.protection.fmt(3)} | {v.residual.fmt(3)} | "
                 f"{v.broken_by or ('holds' if v.holds else '-')} |"
             )
-    if layout == "metrics":
-        md += [
-            "| protection | role | edit | "
-            + " | ".join(f"{_short(c)} {arrow(c)}" for c in columns)
-            + " | L-inf (x255) | L2 |",
-            "|---|---|---|" + "---|" * (len(columns) + 2),
-        ]
-        order = {"clean": 0, "floor": 1, "noise": 2, "protected": 3}
-        for mimic in mimics:
-            t_m = plain[plain["mimic"] == mimic]
-            lines = []
-            for role in ("clean", "floor"):
-                c = control_line(t_m, role)
-                if c is not None:
-                    lines.append(("(any)", role, c))
-            for d in protections:
-                for _, r in t_m[(t_m["defense"] == d) & t_m["role"].isin(["noise", "protected"])].iterrows():
-                    lines.append((d, r["role"], r))
-            legacy_noise = t_m[(t_m["role"] == "noise") & (t_m["control"] == "")]
-            for _, r in legacy_noise.iterrows():
-                lines.append((r["defense"], "noise", r))
-            for d, role, r in sorted(lines, key=lambda x: (x[0] != "(any)", x[0], order[x[1]])):
-                linf, l2 = r.get("budget/linf mean", math.nan), r.get("budget/l2 mean", math.nan)
-                md.append(
-                    f"| {d} | {ROLE_NAMES[role]} | {mimic} | "
-                    + " | ".join(_cell(r, c) for c in columns)
-                    + f" | {255 * linf:.2f} | {l2:.3f} |"
-                )
-        md.append("")
-        for mimic in mimics:
-            first = next((v for k, v in by_label.items() if k[3] == mimic and k[1] == ""), None)
-            if first is None:
-                continue
-            keys = first["stage_keys"]
-            lines_g: list[tuple[str, str, str | None]] = [
-                ("clean photo", "data", keys.get("data")),
-                ("edit of the clean photo", "mimic", keys.get("mimic_clean")),
-            ]
-            floor = next((v for k, v in by_label.items() if k[3] == mimic and k[1] == "floor"), None)
-            if floor is not None:
-                lines_g.append(("the same edit, another seed (floor)", "mimic", floor["stage_keys"].get("mimic")))
-            for (d, c, pur, m), r in sorted(by_label.items()):
-                if m == mimic and pur == "none" and c == "" and d in protections:
-                    lines_g += [  # grid labels without the settings (the legend under the grid has them)
-                        (_base(d), "protect", r["stage_keys"].get("protect")),
-                        (f"edit after {_base(d)}", "mimic", r["stage_keys"].get("mimic")),
-                    ]
-            out = results_dir / safe_filename(f"grid_{mimic}.png")
-            _write_grid(store, lines_g, out, n_images, grids, f"{mimic} edits")
-    else:
-        purifiers = list(dict.fromkeys(p for p in plain["purifier"]))
-        purifiers.sort(key=lambda p: (p != "none", p))
-        for mimic in mimics:
-            t_m = table[table["mimic"] == mimic]
-
-            def matrix_line(label: str, sel: pd.DataFrame, c: str) -> str:
-                cells = []
-                for p in purifiers:
-                    hit = sel[sel["purifier"] == p]
-                    cells.append(_cell(hit.iloc[0], c) if len(hit) else "-")
-                best = sel[sel["purifier"].astype(str).str.startswith(BEST_OF)]
-                cells.append(_cell(best.iloc[0], c) if len(best) else "-")
-                return f"| {label} | " + " | ".join(cells) + " |"
-
-            for c in columns:
-                md += [
-                    f"## {mimic}: {_short(c)} {arrow(c)}",
-                    "",
-                    "| row | " + " | ".join(purifiers) + " | attacker's best per image |",
-                    "|---|" + "---|" * (len(purifiers) + 1),
-                ]
-                for role in ("clean", "floor"):
-                    sel = t_m[t_m["role"] == role]
-                    if len(sel):
-                        first_defense = sorted(set(sel["defense"]))[0]
-                        md.append(matrix_line(ROLE_NAMES[role], sel[sel["defense"] == first_defense], c))
-                legacy_noise = t_m[(t_m["role"] == "noise") & (t_m["control"] == "")]
-                if len(legacy_noise):
-                    md.append(
-                        matrix_line(f"{legacy_noise.iloc[0]['defense']} (noise, budget not matched)", legacy_noise, c)
-                    )
-                for d in protections:
-                    own_noise = t_m[(t_m["defense"] == d) & (t_m["control"] == "noise")]
-                    if len(own_noise):
-                        md.append(matrix_line(f"{d}: noise at its budget", own_noise, c))
-                    md.append(matrix_line(d, t_m[(t_m["defense"] == d) & (t_m["role"] == "protected")], c))
-                md.append("")
-            for d in protections:
-                r0 = by_label.get((d, "", "none", mimic))
-                if r0 is None:
-                    continue
-                c0 = next(
-                    (
-                        v
-                        for k, v in by_label.items()
-                        if k[1] in ("clean",) and k[0] == d and k[2] == "none" and k[3] == mimic
-                    ),
-                    None,
-                ) or next(
-                    (v for k, v in by_label.items() if _base(k[0]) == "none" and k[2] == "none" and k[3] == mimic), None
-                )
-                keys = r0["stage_keys"]
-                lines_g = [
-                    ("clean artwork", "data", keys.get("data")),
-                    (f"protected ({d})", "protect", keys.get("protect")),
-                ]
-                if c0 is not None:
-                    lines_g.append(("mimic trained on clean art", "mimic", c0["stage_keys"].get("mimic")))
-                for p in purifiers:
-                    r = by_label.get((d, "", p, mimic))
-                    if r is None:
-                        continue
-                    if p != "none":
-                        lines_g.append((f"purified: {p}", "purify", r["stage_keys"].get("purify")))
-                    lines_g.append((f"mimic after {p}", "mimic", r["stage_keys"].get("mimic")))
-                out = results_dir / safe_filename(f"grid_{mimic}_{d}.png")
-                _write_grid(store, lines_g, out, n_images, grids, f"{d}, {mimic}")
-    head = [
+    return [
         "## Findings",
         "",
         *[f"- {f}" for f in findings],
@@ -322,15 +255,162 @@ def write_experiment_report(
         *effects,
         "",
     ]
-    md = md[:5] + head + md[5:] + ["", method_note(min_effect), ""]
-    if grids:
-        md += ["## Image grids", "", *grids]
-    md.append("Generated from the rows; do not edit. Rebuild with `python -m harness.tables`.")
-    text = "\n".join(md) + "\n"
-    atomic_write_text(results_dir / "report.md", text)
-    # the grids lie beside the report (committed with it): link them rather than embed megabytes of base64
-    atomic_write_text(
-        results_dir / "report.html", html_page(str(spec.get("title", name)), text, results_dir, embed_images=False)
-    )
-    log.info("experiment report: %s", results_dir / "report.md")
-    return results_dir / "report.md"
+
+
+def _refused_note(ex: _Experiment) -> list[str]:
+    """A note naming the reported columns that every run refused (all NaN)."""
+    table = ex.table
+    refused = [c for c in ex.columns if c in table.columns or f"{c} mean" in table.columns]
+    refused = [c for c in refused if f"{c} mean" in table.columns and table[f"{c} mean"].isna().all()]
+    if not refused:
+        return []
+    return [
+        "Not reported: "
+        + ", ".join(f"`{_short(c)}`" for c in refused)
+        + " (every run refused it: FID and precision need more images per set than the features have "
+        "dimensions, see harness/metrics/distribution.py; KID is unbiased at any set size).",
+        "",
+    ]
+
+
+def _metrics_tables(ex: _Experiment) -> list[str]:
+    """``layout: metrics``: one table, a line per protection x role x edit, a column per reported metric."""
+    columns = ex.columns
+    md = [
+        "| protection | role | edit | "
+        + " | ".join(f"{_short(c)} {ex.arrow(c)}" for c in columns)
+        + " | L-inf (x255) | L2 |",
+        "|---|---|---|" + "---|" * (len(columns) + 2),
+    ]
+    for mimic in ex.mimics:
+        for d, role, r in _metrics_lines(ex, ex.plain[ex.plain["mimic"] == mimic]):
+            linf, l2 = r.get("budget/linf mean", math.nan), r.get("budget/l2 mean", math.nan)
+            md.append(
+                f"| {d} | {ROLE_NAMES[role]} | {mimic} | "
+                + " | ".join(_cell(r, c) for c in columns)
+                + f" | {255 * linf:.2f} | {l2:.3f} |"
+            )
+    return [*md, ""]
+
+
+def _metrics_lines(ex: _Experiment, t_m: pd.DataFrame) -> list[tuple[str, str, pd.Series]]:
+    """One mimic's (protection, role, summary line)s, in table order: the shared controls first, then per
+    protection its noise baseline and its protected line (and legacy noise rows, not budget-matched)."""
+    order = {"clean": 0, "floor": 1, "noise": 2, "protected": 3}
+    lines = []
+    for role in ("clean", "floor"):
+        hit = t_m[(t_m["role"] == role) & (t_m["purifier"] == "none")]
+        if len(hit):
+            lines.append(("(any)", role, hit.iloc[0]))
+    for d in ex.protections:
+        for _, r in t_m[(t_m["defense"] == d) & t_m["role"].isin(["noise", "protected"])].iterrows():
+            lines.append((d, r["role"], r))
+    for _, r in t_m[(t_m["role"] == "noise") & (t_m["control"] == "")].iterrows():
+        lines.append((r["defense"], "noise", r))
+    return sorted(lines, key=lambda x: (x[0] != "(any)", x[0], order[x[1]]))
+
+
+def _metrics_grids(ex: _Experiment) -> list[str]:
+    """``layout: metrics``: per edit, the clean photo and its edit, the floor, then each protection and its edit
+    (the first seed's rows)."""
+    grids: list[str] = []
+    by_label, protections = ex.by_label, ex.protections
+    for mimic in ex.mimics:
+        first = next((v for k, v in by_label.items() if k[3] == mimic and k[1] == ""), None)
+        if first is None:
+            continue
+        keys = first["stage_keys"]
+        lines: list[tuple[str, str, str | None]] = [
+            ("clean photo", "data", keys.get("data")),
+            ("edit of the clean photo", "mimic", keys.get("mimic_clean")),
+        ]
+        floor = next((v for k, v in by_label.items() if k[3] == mimic and k[1] == "floor"), None)
+        if floor is not None:
+            lines.append(("the same edit, another seed (floor)", "mimic", floor["stage_keys"].get("mimic")))
+        for (d, c, pur, m), r in sorted(by_label.items()):
+            if m == mimic and pur == "none" and c == "" and d in protections:
+                lines += [  # grid labels without the settings (the legend under the grid has them)
+                    (_base(d), "protect", r["stage_keys"].get("protect")),
+                    (f"edit after {_base(d)}", "mimic", r["stage_keys"].get("mimic")),
+                ]
+        out = ex.results_dir / safe_filename(f"grid_{mimic}.png")
+        grids += _write_grid(ex.store, lines, out, ex.n_images, f"{mimic} edits")
+    return grids
+
+
+def _matrix_layout(ex: _Experiment) -> tuple[list[str], list[str]]:
+    """``layout: matrix``: per mimic, a protection x purifier table per reported column, and per protection a
+    grid. Returns (the tables, the grids)."""
+    purifiers = list(dict.fromkeys(p for p in ex.plain["purifier"]))
+    purifiers.sort(key=lambda p: (p != "none", p))
+    tables: list[str] = []
+    grids: list[str] = []
+    for mimic in ex.mimics:
+        t_m = ex.table[ex.table["mimic"] == mimic]
+        for c in ex.columns:
+            tables += _matrix_table(ex, t_m, purifiers, f"{mimic}: {_short(c)} {ex.arrow(c)}", c)
+        for d in ex.protections:
+            grids += _matrix_grid(ex, purifiers, mimic, d)
+    return tables, grids
+
+
+def _matrix_table(ex: _Experiment, t_m: pd.DataFrame, purifiers: list[str], title: str, c: str) -> list[str]:
+    """One mimic's matrix of metric ``c``: the controls, then per protection its noise baseline and itself."""
+    md = [
+        f"## {title}",
+        "",
+        "| row | " + " | ".join(purifiers) + " | attacker's best per image |",
+        "|---|" + "---|" * (len(purifiers) + 1),
+    ]
+    for role in ("clean", "floor"):
+        sel = t_m[t_m["role"] == role]
+        if len(sel):
+            first_defense = sorted(set(sel["defense"]))[0]
+            md.append(_matrix_line(purifiers, ROLE_NAMES[role], sel[sel["defense"] == first_defense], c))
+    legacy_noise = t_m[(t_m["role"] == "noise") & (t_m["control"] == "")]
+    if len(legacy_noise):
+        label = f"{legacy_noise.iloc[0]['defense']} (noise, budget not matched)"
+        md.append(_matrix_line(purifiers, label, legacy_noise, c))
+    for d in ex.protections:
+        own_noise = t_m[(t_m["defense"] == d) & (t_m["control"] == "noise")]
+        if len(own_noise):
+            md.append(_matrix_line(purifiers, f"{d}: noise at its budget", own_noise, c))
+        md.append(_matrix_line(purifiers, d, t_m[(t_m["defense"] == d) & (t_m["role"] == "protected")], c))
+    return [*md, ""]
+
+
+def _matrix_line(purifiers: list[str], label: str, sel: pd.DataFrame, c: str) -> str:
+    """A matrix line: metric ``c`` of ``sel`` per purifier, then the attacker's best per image."""
+    cells = []
+    for p in purifiers:
+        hit = sel[sel["purifier"] == p]
+        cells.append(_cell(hit.iloc[0], c) if len(hit) else "-")
+    best = sel[sel["purifier"].astype(str).str.startswith(BEST_OF)]
+    cells.append(_cell(best.iloc[0], c) if len(best) else "-")
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def _matrix_grid(ex: _Experiment, purifiers: list[str], mimic: str, d: str) -> list[str]:
+    """``layout: matrix``: protection ``d``'s grid for one mimic: clean, protected, the mimic trained on clean
+    art, then per purifier the purified art and the mimic's output (the first seed's rows)."""
+    by_label = ex.by_label
+    r0 = by_label.get((d, "", "none", mimic))
+    if r0 is None:
+        return []
+    c0 = next(
+        (v for k, v in by_label.items() if k[1] in ("clean",) and k[0] == d and k[2] == "none" and k[3] == mimic),
+        None,
+    ) or next((v for k, v in by_label.items() if _base(k[0]) == "none" and k[2] == "none" and k[3] == mimic), None)
+    keys = r0["stage_keys"]
+    lines = [("clean artwork", "data", keys.get("data")), (f"protected ({d})", "protect", keys.get("protect"))]
+    if c0 is not None:
+        lines.append(("mimic trained on clean art", "mimic", c0["stage_keys"].get("mimic")))
+    for p in purifiers:
+        r = by_label.get((d, "", p, mimic))
+        if r is None:
+            continue
+        if p != "none":
+            lines.append((f"purified: {p}", "purify", r["stage_keys"].get("purify")))
+        lines.append((f"mimic after {p}", "mimic", r["stage_keys"].get("mimic")))
+    out = ex.results_dir / safe_filename(f"grid_{mimic}_{d}.png")
+    return _write_grid(ex.store, lines, out, ex.n_images, f"{d}, {mimic}")

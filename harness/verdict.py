@@ -55,6 +55,7 @@ __all__ = [
     "controls_from_rows",
     "judge",
     "method_note",
+    "verdict_settings",
     "bootstrap_ci",
     "binary_metrics",
     "fmt_number",
@@ -478,6 +479,18 @@ def method_note(min_effect: float, level: float = 0.95, n_boot: int = N_BOOTSTRA
             "floor interval above 0), when noise of the same budget already reaches the floor, or when a control "
             "was not measured.",
         ]
+    )
+
+
+def verdict_settings(section: Mapping[str, Any]) -> tuple[str, float, float, int]:
+    """The verdict's settings in a config section (an audit's ``audit``, an experiment's ``report``), with the
+    rule's defaults: (the baseline defense of legacy rows, ``min_effect``, the interval ``level``,
+    ``n_bootstrap`` replicates)."""
+    return (
+        str(section.get("baseline", "noise")),
+        float(section.get("min_effect", 0.5)),
+        float(section.get("level", 0.95)),
+        int(section.get("n_bootstrap", N_BOOTSTRAP)),
     )
 
 
