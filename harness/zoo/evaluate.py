@@ -13,13 +13,16 @@ model cards. Style judgements use tiny-clip's zero-shot style classifier over al
 
 from __future__ import annotations
 
+import importlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from harness.metrics.clip import ClipModel, ZeroShotClassifier, style_classifier
 from harness.seeding import derive_seed, make_generator
@@ -37,6 +40,9 @@ from harness.world import (
 #: sampling settings used for every figure (DDIM steps and classifier-free guidance).
 SAMPLE_STEPS = 30
 GUIDANCE = 5.0
+
+#: the LoRA mimic's Hydra config: its ``_target_`` names the module whose ``train_lora`` the positive control runs
+LORA_MIMIC_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "mimic" / "lora.yaml"
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -212,23 +218,12 @@ def evaluate_inpaint(pipe: Any, clf: ZeroShotClassifier, side: int = 44, seed: i
         c = x[..., o : o + side, o : o + side]
         return F.interpolate(c, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
 
+    def repaint(styles: Sequence[str]) -> torch.Tensor:
+        prompts = [artwork_caption(s, a) for s, a in zip(what, styles, strict=False)]
+        return generate(pipe, prompts, seed, image=art.images, mask_image=mask, strength=1.0)
+
     targets = [TRAIN_ARTISTS[(TRAIN_ARTISTS.index(a) + 3) % len(TRAIN_ARTISTS)] for a in who]
-    other = generate(
-        pipe,
-        [artwork_caption(s, t) for s, t in zip(what, targets, strict=False)],
-        seed,
-        image=art.images,
-        mask_image=mask,
-        strength=1.0,
-    )
-    same = generate(
-        pipe,
-        [artwork_caption(s, a) for s, a in zip(what, who, strict=False)],
-        seed,
-        image=art.images,
-        mask_image=mask,
-        strength=1.0,
-    )
+    other, same = repaint(targets), repaint(who)
     pred_other, pred_same, pred_orig = clf.predict(crop(other)), clf.predict(crop(same)), clf.predict(crop(art.images))
     keep = (1 - mask).bool().expand_as(art.images)
     border_mse = torch.stack(
@@ -253,6 +248,14 @@ def evaluate_inpaint(pipe: Any, clf: ZeroShotClassifier, side: int = 44, seed: i
     }
 
 
+def lora_finetune() -> Callable[..., tuple[Any, dict[str, Any]]]:
+    """The LoRA mimic's finetune, ``train_lora(pipe, images, *, rank, steps, lr, seed, ...)``, from the module that
+    :data:`LORA_MIMIC_CONFIG`'s ``_target_`` names (``finetune.lora``), imported at run time: the core package
+    imports no component package."""
+    target = str(OmegaConf.load(LORA_MIMIC_CONFIG)["_target_"])
+    return importlib.import_module(target.rpartition(".")[0]).train_lora
+
+
 def evaluate_lora(
     pipe: Any,
     clf: ZeroShotClassifier,
@@ -269,8 +272,7 @@ def evaluate_lora(
     Style accuracy of "<subject> in the style of <artist>" samples (every subject, ``seeds`` each) before and
     after finetuning. Training images cover the first 8 subjects (2 each); the last 2 subjects are unseen.
     """
-    from finetune.lora import train_lora
-
+    train_lora = lora_finetune()
     out: dict[str, Any] = {}
     for a in artists:
         per = max(1, train_images // 8)

@@ -25,8 +25,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from harness.diffusion import denoising_prediction, inpaint_mask_latent, masked_image, tokenize
 from harness.seeding import derive_seed
 from harness.world import (
     ARTISTS,
@@ -178,7 +179,145 @@ def _lr(step: int, steps: int, base: float, warmup: int = 100) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+# ------------------------------------------------------------------------------------------- the loop
+
+#: a stage's step: batch indices -> (loss, values to log besides the loss); it draws from the stage's generators
+StepLoss = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class Stage:
+    """One training stage's loop state: what it optimises, its schedule and its checkpoint.
+
+    The checkpoint holds the modules of ``saved`` under their keys, the optimiser, the batch generator ``gen``,
+    the step and the seconds spent. After every optimiser step each (average, module) pair of ``emas`` is
+    updated, and ``after_step`` (if any) runs and returns more values to log. With ``clip_params`` the
+    gradients are clipped to norm 1 first.
+    """
+
+    name: str
+    steps: int
+    lr: float
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    ckpt: Checkpoint
+    saved: dict[str, torch.nn.Module]
+    emas: tuple[tuple[EMA, torch.nn.Module], ...] = ()
+    clip_params: list[torch.nn.Parameter] | None = None
+    after_step: Callable[[], dict[str, float]] | None = None
+    warmup: int = 100
+    save_every: int = 250
+    log_every: int = 50
+    start: int = 0
+    before: float = 0.0
+    t0: float = field(default_factory=time.time)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def resume(self) -> Stage:
+        """Load the last checkpoint, if there is one: modules, optimiser, generator, step, seconds spent."""
+        if (state := self.ckpt.load()) is not None:
+            for key, module in self.saved.items():
+                module.load_state_dict(state[key])
+            self.opt.load_state_dict(state["opt"])
+            self.gen.set_state(state["gen"])
+            self.start = state["step"]
+            self.before = float(state.get("elapsed", 0.0))
+        return self
+
+    def seconds(self) -> float:
+        """Seconds spent on this stage, over every run of it."""
+        return self.before + time.time() - self.t0
+
+    def save(self, step: int) -> None:
+        modules = {key: module.state_dict() for key, module in self.saved.items()}
+        state = {"opt": self.opt.state_dict(), "gen": self.gen.get_state(), "step": step, "elapsed": self.seconds()}
+        self.ckpt.save({**modules, **state})
+
+
+def _stage(
+    name: str, work: Path, seed: int, steps: int, lr: float, opt: torch.optim.Optimizer, saved: dict, **options: Any
+) -> Stage:
+    """The stage ``name`` (checkpoint ``work/<name>.ckpt``, batches seeded by ``seed``), resumed if it can be."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, f"zoo/{name}/batches"))
+    return Stage(name, steps, lr, opt, gen, Checkpoint(work / f"{name}.ckpt"), saved, **options).resume()
+
+
+def _train(stage: Stage, batches: Iterator[torch.Tensor], step_loss: StepLoss) -> None:
+    """Run ``stage`` from its resumed step to its last: per step the learning rate of the schedule, the loss of
+    the next batch, backward, gradient clipping, optimiser step, EMA updates, the log and (every
+    ``save_every`` steps and at the end) the checkpoint. The log history ends up in ``stage.history``."""
+    progress = Progress(stage.name, stage.steps, every=stage.log_every)
+    for step in range(stage.start, stage.steps):
+        idx = next(batches)
+        for group in stage.opt.param_groups:
+            group["lr"] = _lr(step, stage.steps, stage.lr, warmup=stage.warmup)
+        loss, logged = step_loss(idx)
+        stage.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if stage.clip_params is not None:
+            torch.nn.utils.clip_grad_norm_(stage.clip_params, 1.0)
+        stage.opt.step()
+        for ema, module in stage.emas:
+            ema.update(module, step)
+        if stage.after_step is not None:
+            logged = {**logged, **stage.after_step()}
+        progress.log(step + 1, loss=loss.item(), **logged)
+        if (step + 1) % stage.save_every == 0 or step + 1 == stage.steps:
+            stage.save(step + 1)
+    stage.history = progress.history
+
+
+def _write_record(work: Path, stage: Stage, seed: int, batch: int, device: torch.device, **extra: Any) -> dict:
+    """Write the stage's training record (``work/<name>_record.json``) and return it."""
+    record = {
+        "stage": stage.name,
+        "seed": seed,
+        "steps": stage.steps,
+        "batch": batch,
+        "lr": stage.lr,
+        **extra,
+        "seconds": round(stage.seconds(), 1),
+        "resumed_from_step": stage.start,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "history": stage.history[-5:],
+    }
+    (work / f"{stage.name}_record.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
 # -------------------------------------------------------------------------------------------------- VAE
+
+
+def _vae_loss(vae: Any, data: WorldData, gen: torch.Generator, dev: torch.device) -> StepLoss:
+    """MSE + 0.1 L1 on random 32 px crops (randomly flipped) plus a small KL term, on a latent sample."""
+
+    def step_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        x = to_float(data.images[idx])
+        oy, ox = torch.randint(0, 33, (2,), generator=gen).tolist()
+        x = x[:, :, oy : oy + 32, ox : ox + 32]
+        if torch.rand((), generator=gen) < 0.5:
+            x = x.flip(-1)
+        x = (x * 2 - 1).to(dev)
+        with _autocast(dev):
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(dev)
+            rec = vae.decode(z).sample.float()
+        mse = F.mse_loss(rec, x)
+        kl = post.kl().mean() / z[0].numel()
+        loss = mse + 0.1 * (rec - x).abs().mean() + 1e-5 * kl
+        psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))  # [-1, 1] range: peak-to-peak 2
+        return loss, {"psnr_db": psnr, "kl": kl.item()}
+
+    return step_loss
+
+
+@torch.no_grad()
+def _latent_scaling(vae: Any, data: WorldData, dev: torch.device) -> float:
+    """1 / std of the posterior means of the first 512 training images, as Stable Diffusion sets it."""
+    x = to_float(data.images[:512]) * 2 - 1
+    latents = torch.cat([vae.encode(x[i : i + 64].to(dev)).latent_dist.mean.cpu() for i in range(0, 512, 64)])
+    return float(1.0 / latents.std())
 
 
 def train_vae(
@@ -189,79 +328,16 @@ def train_vae(
     torch.manual_seed(derive_seed(seed, "zoo/vae/init"))
     vae = arch.build_vae().to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    ckpt = Checkpoint(work / "vae.ckpt")
-    gen = torch.Generator().manual_seed(derive_seed(seed, "zoo/vae/batches"))
-    start = 0
-    if (state := ckpt.load()) is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        start = state["step"]
-    before = float(state.get("elapsed", 0.0)) if state is not None else 0.0
+    stage = _stage("vae", work, seed, steps, lr, opt, {"model": vae}, clip_params=list(vae.parameters()))
     data = world_data(TRAIN_ARTISTS, per_pair=30, crops_per_photo=100, seed=seed)
-    progress = Progress("vae", steps)
-    t0 = time.time()
+    stage.t0 = time.time()
     vae.train()
-    batches = _batches(len(data), batch, gen)
-    for step in range(start, steps):
-        idx = next(batches)
-        x = to_float(data.images[idx])
-        # random 32 px crops, random flips
-        oy, ox = torch.randint(0, 33, (2,), generator=gen).tolist()
-        x = x[:, :, oy : oy + 32, ox : ox + 32]
-        if torch.rand((), generator=gen) < 0.5:
-            x = x.flip(-1)
-        x = (x * 2 - 1).to(dev)
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, lr)
-        with _autocast(dev):
-            post = vae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(dev)
-            rec = vae.decode(z).sample.float()
-        mse = F.mse_loss(rec, x)
-        l1 = (rec - x).abs().mean()
-        kl = post.kl().mean() / z[0].numel()
-        loss = mse + 0.1 * l1 + 1e-5 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))  # [-1, 1] range: peak-to-peak 2
-        progress.log(step + 1, loss=loss.item(), psnr_db=psnr, kl=kl.item())
-        if (step + 1) % 250 == 0 or step + 1 == steps:
-            ckpt.save(
-                {
-                    "model": vae.state_dict(),
-                    "opt": opt.state_dict(),
-                    "gen": gen.get_state(),
-                    "step": step + 1,
-                    "elapsed": before + time.time() - t0,
-                }
-            )
+    _train(stage, _batches(len(data), batch, stage.gen), _vae_loss(vae, data, stage.gen, dev))
     vae.eval()
-    with torch.no_grad():
-        x = to_float(data.images[:512]) * 2 - 1
-        latents = torch.cat([vae.encode(x[i : i + 64].to(dev)).latent_dist.mean.cpu() for i in range(0, 512, 64)])
-    scaling = float(1.0 / latents.std())
+    scaling = _latent_scaling(vae, data, dev)
     vae.register_to_config(scaling_factor=scaling)
     vae.save_pretrained(work / "vae")
-    record = {
-        "stage": "vae",
-        "seed": seed,
-        "steps": steps,
-        "batch": batch,
-        "lr": lr,
-        "crop_px": 32,
-        "train_images": len(data),
-        "scaling_factor": scaling,
-        "seconds": round(before + time.time() - t0, 1),
-        "resumed_from_step": start,
-        "device": str(dev),
-        "threads": torch.get_num_threads(),
-        "history": progress.history[-5:],
-    }
-    (work / "vae_record.json").write_text(json.dumps(record, indent=2))
-    return record
+    return _write_record(work, stage, seed, batch, dev, crop_px=32, train_images=len(data), scaling_factor=scaling)
 
 
 # ------------------------------------------------------------------------------------------------- CLIP
@@ -301,6 +377,51 @@ def clip_normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def _clip_loss(
+    model: Any, tokenizer: Any, data: WorldData, rng: np.random.Generator, gen: torch.Generator, dev: torch.device
+) -> StepLoss:
+    """InfoNCE over augmented images and random captions, with soft targets: image i matches text j when text
+    j describes image i (same artist and, if the caption names one, the same subject)."""
+
+    def step_loss(batch_idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        idx = batch_idx.tolist()
+        x = clip_normalize(_clip_augment(to_float(data.images[idx]), gen)).to(dev)
+        texts, keys = [], []
+        for i in idx:
+            text = random_caption(data, i, rng, subjectless=0.3)
+            texts.append(text)
+            keys.append((data.who[i], None if text == style_prompt(data.who[i]) else data.what[i]))
+        tokens = tokenize(tokenizer, texts).to(dev)
+        match = torch.tensor(
+            [[kj[0] == data.who[i] and kj[1] in (None, data.what[i]) for kj in keys] for i in idx],
+            dtype=torch.float32,
+            device=dev,
+        )
+        with _autocast(dev):
+            img = F.normalize(model.encode_image(x).float(), dim=-1)
+            txt = F.normalize(model.encode_text(tokens).float(), dim=-1)
+        logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
+        loss = 0.5 * (
+            -(match / match.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+            - (match.T / match.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
+        )
+        acc = (logits.argmax(1) == torch.arange(len(idx), device=dev)).float().mean()
+        return loss, {"batch_top1": acc.item()}
+
+    return step_loss
+
+
+def _clamp_logit_scale(model: Any) -> Callable[[], dict[str, float]]:
+    """After each step: keep the logit scale in [1, 100] and report it."""
+
+    def after_step() -> dict[str, float]:
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        return {"scale": model.logit_scale.exp().item()}
+
+    return after_step
+
+
 def train_clip(
     work: Path, seed: int = 0, steps: int = 1200, batch: int = 128, lr: float = 1e-3, device: str = "cpu"
 ) -> dict[str, Any]:
@@ -312,75 +433,24 @@ def train_clip(
     torch.manual_seed(derive_seed(seed, "zoo/clip/init"))
     model = arch.build_clip(len(tokenizer)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    ckpt = Checkpoint(work / "clip.ckpt")
-    gen = torch.Generator().manual_seed(derive_seed(seed, "zoo/clip/batches"))
-    start = 0
-    if (state := ckpt.load()) is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        start = state["step"]
-    rng = np.random.default_rng(derive_seed(seed, f"zoo/clip/captions/{start}"))
+    every = int(os.environ.get("ZOO_LOG_EVERY", "50"))
+    stage = _stage(
+        "clip", work, seed, steps, lr, opt, {"model": model}, after_step=_clamp_logit_scale(model), log_every=every
+    )
+    rng = np.random.default_rng(derive_seed(seed, f"zoo/clip/captions/{stage.start}"))
     data = world_data(ARTISTS, per_pair=24, crops_per_photo=60, seed=seed)
-    progress = Progress("clip", steps, every=int(os.environ.get("ZOO_LOG_EVERY", "50")))
-    t0 = time.time()
+    stage.t0 = time.time()
     model.train()
-    batches = _batches(len(data), batch, gen)
-    for step in range(start, steps):
-        idx = next(batches).tolist()
-        x = clip_normalize(_clip_augment(to_float(data.images[idx]), gen)).to(dev)
-        texts, keys = [], []
-        for i in idx:
-            text = random_caption(data, i, rng, subjectless=0.3)
-            texts.append(text)
-            keys.append((data.who[i], None if text == style_prompt(data.who[i]) else data.what[i]))
-        tokens = tokenizer(
-            texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(dev)
-        # image i matches text j when text j describes image i (same artist and, if named, the same subject)
-        match = torch.tensor(
-            [[kj[0] == data.who[i] and kj[1] in (None, data.what[i]) for kj in keys] for i in idx],
-            dtype=torch.float32,
-            device=dev,
-        )
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, lr)
-        with _autocast(dev):
-            img = F.normalize(model.encode_image(x).float(), dim=-1)
-            txt = F.normalize(model.encode_text(tokens).float(), dim=-1)
-        logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
-        loss = 0.5 * (
-            -(match / match.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
-            - (match.T / match.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        acc = (logits.argmax(1) == torch.arange(len(idx), device=dev)).float().mean()
-        progress.log(step + 1, loss=loss.item(), batch_top1=acc.item(), scale=model.logit_scale.exp().item())
-        if (step + 1) % 250 == 0 or step + 1 == steps:
-            ckpt.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": step + 1})
+    _train(stage, _batches(len(data), batch, stage.gen), _clip_loss(model, tokenizer, data, rng, stage.gen, dev))
     torch.save(model.state_dict(), work / "clip_final.pt")
-    record = {
-        "stage": "clip",
-        "seed": seed,
-        "steps": steps,
-        "batch": batch,
-        "lr": lr,
-        "train_images": len(data),
-        "artists": list(ARTISTS),
-        "seconds": round(time.time() - t0, 1),
-        "device": str(dev),
-        "threads": torch.get_num_threads(),
-        "history": progress.history[-5:],
-    }
-    (work / "clip_record.json").write_text(json.dumps(record, indent=2))
-    return record
+    return _write_record(work, stage, seed, batch, dev, train_images=len(data), artists=list(ARTISTS))
 
 
 # ------------------------------------------------------------------------------- UNet + text encoder
+
+#: share of empty captions (for classifier-free guidance) and the min-SNR gamma of the UNet stages
+CAPTION_DROPOUT = 0.1
+MIN_SNR_GAMMA = 5.0
 
 
 def _load_vae(work: Path) -> Any:
@@ -391,30 +461,24 @@ def _load_vae(work: Path) -> Any:
 
 @torch.no_grad()
 def _encode_all(vae: Any, images: torch.Tensor, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every image and of its mirror image: (2N, 4, h, w) each."""
+    """Posterior mean and std of every image and of its mirror image: (2N, 4, h, w) each, on the CPU."""
     means, stds = [], []
     for flip in (False, True):
         for i in range(0, images.shape[0], batch):
             x = to_float(images[i : i + batch]) * 2 - 1
             if flip:
                 x = x.flip(-1)
-            post = vae.encode(x).latent_dist
-            means.append(post.mean)
-            stds.append(post.std)
+            post = vae.encode(x.to(vae.device)).latent_dist
+            means.append(post.mean.cpu())
+            stds.append(post.std.cpu())
     return torch.cat(means), torch.cat(stds)
 
 
-def _snr_weight(scheduler: Any, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+def _snr_weight(scheduler: Any, t: torch.Tensor, gamma: float = MIN_SNR_GAMMA) -> torch.Tensor:
     """Min-SNR-gamma loss weight for epsilon prediction: min(SNR, gamma) / SNR (Hang et al. 2023)."""
     ac = scheduler.alphas_cumprod[t]
     snr = ac / (1 - ac)
     return torch.clamp(snr, max=gamma) / snr
-
-
-def _tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
-    return tokenizer(
-        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
 
 
 def save_sd_pipeline(
@@ -439,6 +503,67 @@ def save_sd_pipeline(
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
+@dataclass
+class Denoiser:
+    """What a denoising training step uses of a latent diffusion model. ``train_text``: the text encoder trains
+    with the UNet (and runs under autocast with it); otherwise it is frozen and runs without gradient, in
+    float32."""
+
+    unet: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    device: torch.device
+    train_text: bool
+
+
+def _diffusion_stage(
+    name: str, work: Path, seed: int, steps: int, lr: float, ema_decay: float, trained: dict, **options: Any
+) -> Stage:
+    """The setup the UNet stages share: AdamW (weight decay 0.01) on the modules of ``trained``, an EMA of
+    each, gradient clipping, and the resumed checkpoint (keys: the modules', then ``ema`` for a single module
+    or ``ema_<key>`` for several, as the stages have always written them)."""
+    params = [p for module in trained.values() for p in module.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    emas = {key: EMA(module, ema_decay) for key, module in trained.items()}
+    ema_keys = {key: "ema" if len(trained) == 1 else f"ema_{key}" for key in trained}
+    saved = {**trained, **{ema_keys[key]: ema.shadow for key, ema in emas.items()}}
+    pairs = tuple((ema, trained[key]) for key, ema in emas.items())
+    return _stage(name, work, seed, steps, lr, opt, saved, emas=pairs, clip_params=params, **options)
+
+
+def _denoising_loss(
+    m: Denoiser,
+    data: WorldData,
+    idx: torch.Tensor,
+    z: torch.Tensor,
+    rng: np.random.Generator,
+    gen: torch.Generator,
+    channels: tuple[torch.Tensor, ...] = (),
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The UNet stages' step: epsilon loss with min-SNR weighting on scaled latents ``z`` of the images ``idx``
+    (indices modulo ``len(data)``: flipped copies share the caption draws), with ``channels`` after the noisy
+    latents (an inpainting UNet's). Draws, in this order: the captions (10% empty), the noise, the timesteps."""
+    texts = ["" if rng.uniform() < CAPTION_DROPOUT else random_caption(data, int(i) % len(data), rng) for i in idx]
+    tokens = tokenize(m.tokenizer, texts).to(m.device)
+    noise = torch.randn(z.shape, generator=gen)
+    t = torch.randint(0, m.scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+    cond = None
+    if not m.train_text:
+        with torch.no_grad():
+            cond = m.text_encoder(tokens)[0]
+    with _autocast(m.device):
+        if cond is None:
+            cond = m.text_encoder(tokens)[0]
+        dev = m.device
+        pred, target, _ = denoising_prediction(
+            m.unet, m.scheduler, z.to(dev), noise.to(dev), t.to(dev), cond, channels=channels
+        )
+    per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    loss = (per * _snr_weight(m.scheduler, t).to(m.device)).mean()
+    return loss, {"mse": per.mean().item()}
+
+
 def train_sd(
     work: Path,
     seed: int = 0,
@@ -458,89 +583,32 @@ def train_sd(
     torch.manual_seed(derive_seed(seed, "zoo/sd/init"))
     unet = arch.build_unet().to(dev)
     text_encoder = arch.build_text_encoder(len(tokenizer)).to(dev)
-    params = [*unet.parameters(), *text_encoder.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    ema_unet, ema_text = EMA(unet, ema_decay), EMA(text_encoder, ema_decay)
-    scheduler = arch.build_scheduler()
-    ckpt = Checkpoint(work / "sd.ckpt")
-    gen = torch.Generator().manual_seed(derive_seed(seed, "zoo/sd/batches"))
-    start = 0
-    if (state := ckpt.load()) is not None:
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text"])
-        ema_unet.shadow.load_state_dict(state["ema_unet"])
-        ema_text.shadow.load_state_dict(state["ema_text"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        start = state["step"]
-    before = float(state.get("elapsed", 0.0)) if state is not None else 0.0
-    rng = np.random.default_rng(derive_seed(seed, f"zoo/sd/captions/{start}"))
+    stage = _diffusion_stage("sd", work, seed, steps, lr, ema_decay, {"unet": unet, "text": text_encoder})
+    model = Denoiser(unet, text_encoder, tokenizer, arch.build_scheduler(), dev, train_text=True)
+    rng = np.random.default_rng(derive_seed(seed, f"zoo/sd/captions/{stage.start}"))
     data = world_data(TRAIN_ARTISTS, per_pair=40, crops_per_photo=120, seed=seed)
-    t0 = time.time()
+    stage.t0 = time.time()
     means, stds = _encode_all(vae, data.images)
-    encode_s = time.time() - t0
-    n = len(data)
-    progress = Progress("sd", steps)
+    encode_s = time.time() - stage.t0
     unet.train()
     text_encoder.train()
-    batches = _batches(2 * n, batch, gen)
-    for step in range(start, steps):
-        idx = next(batches)
-        z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scale
-        texts = ["" if rng.uniform() < 0.1 else random_caption(data, int(i) % n, rng) for i in idx]
-        tokens = _tokenize(tokenizer, texts).to(dev)
-        noise = torch.randn(z.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
-        noisy = scheduler.add_noise(z, noise, t)
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, lr)
-        with _autocast(dev):
-            cond = text_encoder(tokens)[0]
-            pred = unet(noisy.to(dev), t.to(dev), cond).sample.float()
-        per = ((pred - noise.to(dev)) ** 2).mean(dim=(1, 2, 3))
-        loss = (per * _snr_weight(scheduler, t).to(dev)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema_unet.update(unet, step)
-        ema_text.update(text_encoder, step)
-        progress.log(step + 1, loss=loss.item(), mse=per.mean().item())
-        if (step + 1) % 250 == 0 or step + 1 == steps:
-            ckpt.save(
-                {
-                    "unet": unet.state_dict(),
-                    "text": text_encoder.state_dict(),
-                    "ema_unet": ema_unet.shadow.state_dict(),
-                    "ema_text": ema_text.shadow.state_dict(),
-                    "opt": opt.state_dict(),
-                    "gen": gen.get_state(),
-                    "step": step + 1,
-                    "elapsed": before + time.time() - t0,
-                }
-            )
-    save_sd_pipeline(work / "tiny-sd", vae, ema_text.shadow, tokenizer, ema_unet.shadow)
-    record = {
-        "stage": "sd",
-        "seed": seed,
-        "steps": steps,
-        "batch": batch,
-        "lr": lr,
+
+    def step_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=stage.gen)) * scale
+        return _denoising_loss(model, data, idx, z, rng, stage.gen)
+
+    _train(stage, _batches(2 * len(data), batch, stage.gen), step_loss)
+    save_sd_pipeline(work / "tiny-sd", vae, stage.saved["ema_text"], tokenizer, stage.saved["ema_unet"])
+    extra = {
         "ema_decay": ema_decay,
-        "train_images": n,
-        "latents_with_flips": 2 * n,
+        "train_images": len(data),
+        "latents_with_flips": 2 * len(data),
         "encode_seconds": round(encode_s, 1),
         "artists": list(TRAIN_ARTISTS),
-        "caption_dropout": 0.1,
-        "min_snr_gamma": 5.0,
-        "seconds": round(before + time.time() - t0, 1),
-        "resumed_from_step": start,
-        "device": str(dev),
-        "threads": torch.get_num_threads(),
-        "history": progress.history[-5:],
+        "caption_dropout": CAPTION_DROPOUT,
+        "min_snr_gamma": MIN_SNR_GAMMA,
     }
-    (work / "sd_record.json").write_text(json.dumps(record, indent=2))
-    return record
+    return _write_record(work, stage, seed, batch, dev, **extra)
 
 
 # -------------------------------------------------------------------------------------------- inpaint
@@ -573,6 +641,34 @@ def random_masks(n: int, size: int, gen: torch.Generator, full: float = 0.25) ->
     return torch.from_numpy(masks)
 
 
+def _inpaint_unet(base: Any, dev: torch.device) -> Any:
+    """A 9-channel UNet with the weights of the 4-channel ``base``; the 5 extra input channels start at zero."""
+    unet = arch.build_unet(in_channels=9).to(dev)
+    state = base.state_dict()
+    w = state["conv_in.weight"]
+    state["conv_in.weight"] = torch.cat([w, torch.zeros(w.shape[0], 5, *w.shape[2:])], dim=1)
+    unet.load_state_dict(state)
+    return unet
+
+
+def _inpaint_inputs(
+    vae: Any, data: WorldData, idx: torch.Tensor, gen: torch.Generator, dev: torch.device
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Scaled latents of the images ``idx`` (randomly flipped; a posterior sample) and the UNet's extra channels
+    for a random mask: the mask at latent size and the masked image's latents (posterior mean), built as the
+    inpainting pipeline builds them (:mod:`harness.diffusion`)."""
+    images = to_float(data.images[idx])
+    if torch.rand((), generator=gen) < 0.5:
+        images = images.flip(-1)
+    mask = random_masks(len(idx), images.shape[-1], gen)
+    with torch.no_grad():
+        both = vae.encode(torch.cat([images * 2 - 1, masked_image(images, mask)]).to(dev)).latent_dist
+        z_all = both.mean + both.std * torch.randn(both.mean.shape, generator=gen).to(dev)
+    scale = vae.config.scaling_factor
+    z, masked = z_all[: len(idx)] * scale, both.mean[len(idx) :] * scale
+    return z, (inpaint_mask_latent(vae, mask, *images.shape[-2:]).to(dev), masked)
+
+
 def train_inpaint(
     work: Path,
     seed: int = 0,
@@ -589,89 +685,24 @@ def train_inpaint(
     base = StableDiffusionPipeline.from_pretrained(work / "tiny-sd", dtype=torch.float32)
     vae = base.vae.eval().requires_grad_(False).to(dev)
     text_encoder = base.text_encoder.eval().requires_grad_(False).to(dev)
-    tokenizer = base.tokenizer
-    scale = vae.config.scaling_factor
-    unet = arch.build_unet(in_channels=9).to(dev)
-    state = base.unet.state_dict()
-    w = state["conv_in.weight"]
-    state["conv_in.weight"] = torch.cat([w, torch.zeros(w.shape[0], 5, *w.shape[2:])], dim=1)
-    unet.load_state_dict(state)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
-    ema = EMA(unet, ema_decay)
-    scheduler = arch.build_scheduler()
-    ckpt = Checkpoint(work / "inpaint.ckpt")
-    gen = torch.Generator().manual_seed(derive_seed(seed, "zoo/inpaint/batches"))
-    start = 0
-    if (saved := ckpt.load()) is not None:
-        unet.load_state_dict(saved["unet"])
-        ema.shadow.load_state_dict(saved["ema"])
-        opt.load_state_dict(saved["opt"])
-        gen.set_state(saved["gen"])
-        start = saved["step"]
-    before = float(saved.get("elapsed", 0.0)) if saved is not None else 0.0
-    rng = np.random.default_rng(derive_seed(seed, f"zoo/inpaint/captions/{start}"))
+    unet = _inpaint_unet(base.unet, dev)
+    stage = _diffusion_stage("inpaint", work, seed, steps, lr, ema_decay, {"unet": unet}, warmup=50, save_every=200)
+    model = Denoiser(unet, text_encoder, base.tokenizer, arch.build_scheduler(), dev, train_text=False)
+    rng = np.random.default_rng(derive_seed(seed, f"zoo/inpaint/captions/{stage.start}"))
     data = world_data(TRAIN_ARTISTS, per_pair=40, crops_per_photo=120, seed=seed)
-    progress = Progress("inpaint", steps)
-    t0 = time.time()
+    stage.t0 = time.time()
     unet.train()
-    batches = _batches(len(data), batch, gen)
-    for step in range(start, steps):
-        idx = next(batches)
-        x = to_float(data.images[idx]) * 2 - 1
-        if torch.rand((), generator=gen) < 0.5:
-            x = x.flip(-1)
-        mask = random_masks(len(idx), x.shape[-1], gen)
-        with torch.no_grad():
-            both = vae.encode(torch.cat([x, x * (mask < 0.5)]).to(dev)).latent_dist
-            z_all = both.mean + both.std * torch.randn(both.mean.shape, generator=gen).to(dev)
-        z, masked = z_all[: len(idx)] * scale, both.mean[len(idx) :] * scale
-        small_mask = F.interpolate(mask, size=z.shape[-2:]).to(dev)
-        texts = ["" if rng.uniform() < 0.1 else random_caption(data, int(i), rng) for i in idx]
-        tokens = _tokenize(tokenizer, texts).to(dev)
-        noise = torch.randn(z.shape, generator=gen).to(dev)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
-        noisy = scheduler.add_noise(z, noise, t.to(dev))
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, lr, warmup=50)
-        with torch.no_grad():
-            cond = text_encoder(tokens)[0]
-        with _autocast(dev):
-            pred = unet(torch.cat([noisy, small_mask, masked], 1), t.to(dev), cond).sample.float()
-        per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
-        loss = (per * _snr_weight(scheduler, t).to(dev)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        ema.update(unet, step)
-        progress.log(step + 1, loss=loss.item(), mse=per.mean().item())
-        if (step + 1) % 200 == 0 or step + 1 == steps:
-            ckpt.save(
-                {
-                    "unet": unet.state_dict(),
-                    "ema": ema.shadow.state_dict(),
-                    "opt": opt.state_dict(),
-                    "gen": gen.get_state(),
-                    "step": step + 1,
-                    "elapsed": before + time.time() - t0,
-                }
-            )
-    save_sd_pipeline(work / "tiny-sd-inpaint", vae, text_encoder, tokenizer, ema.shadow, inpaint=True)
-    record = {
-        "stage": "inpaint",
-        "seed": seed,
-        "steps": steps,
-        "batch": batch,
-        "lr": lr,
+
+    def step_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        z, channels = _inpaint_inputs(vae, data, idx, stage.gen, dev)
+        return _denoising_loss(model, data, idx, z, rng, stage.gen, channels)
+
+    _train(stage, _batches(len(data), batch, stage.gen), step_loss)
+    save_sd_pipeline(work / "tiny-sd-inpaint", vae, text_encoder, base.tokenizer, stage.saved["ema"], inpaint=True)
+    extra = {
         "ema_decay": ema_decay,
         "init": "tiny-sd UNet, 5 extra input channels zero-initialised",
         "full_mask_fraction": 0.25,
         "train_images": len(data),
-        "seconds": round(before + time.time() - t0, 1),
-        "resumed_from_step": start,
-        "device": str(dev),
-        "threads": torch.get_num_threads(),
-        "history": progress.history[-5:],
     }
-    (work / "inpaint_record.json").write_text(json.dumps(record, indent=2))
-    return record
+    return _write_record(work, stage, seed, batch, dev, **extra)
