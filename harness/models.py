@@ -1,4 +1,4 @@
-"""The experiment's diffusion model: spec, loader, memo, and a tiny random stand-in for tests.
+"""The experiment's diffusion model: spec, loader and memo.
 
 A :class:`ModelSpec` names the weights (Hydra builds it from YAML with ``_target_: harness.models.ModelSpec``);
 :func:`load_pipeline` turns it into a diffusers pipeline for one task ("text2img", "img2img", "inpaint").
@@ -8,10 +8,11 @@ img2img after text2img costs no memory.
 ``source`` is one of:
 
 * ``"tiny-random"`` / ``"tiny-random-inpaint"``: a randomly initialised, Stable-Diffusion-shaped pipeline of
-  about 1.7 M parameters built in memory by :func:`build_tiny_random` (no files, no network). Its native
-  resolution is 32 px (``ModelSpec(source="tiny-random", resolution=32)``): the VAE downsamples 2x, so 32 px
-  images become 16x16 latents. Its outputs are meaningless pictures; it exists so that every code path runs
-  in tests and smoke runs. The inpaint variant has a 9-channel UNet and serves only ``task="inpaint"``.
+  about 1.7 M parameters built in memory by :func:`harness.tiny_random.build_tiny_random` (no files, no
+  network). Its native resolution is 32 px (``ModelSpec(source="tiny-random", resolution=32)``): the VAE
+  downsamples 2x, so 32 px images become 16x16 latents. Its outputs are meaningless pictures; it exists so that
+  every code path runs in tests and smoke runs. The inpaint variant has a 9-channel UNet and serves only
+  ``task="inpaint"``.
 * ``"tiny-sd"`` / ``"tiny-sd-inpaint"``: the embedded world's latent diffusion models, trained by the project
   (``python -m harness.zoo train``) and shipped inside the package (``harness/zoo/<name>/``, fp16 weights, 64 px).
   They load through the same ``DiffusionPipeline.from_pretrained`` path as a local folder.
@@ -20,9 +21,12 @@ img2img after text2img costs no memory.
 * a Hugging Face hub id such as ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``, read from the local
   Hugging Face cache (and downloaded only when the user runs online with such a config).
 
-A missing checkpoint raises :class:`ModelNotFoundError`, whose message says where the harness looked and how
-to point it at local weights. Images never cross this module: pipelines take and return whatever diffusers
-does; model wrappers convert from and to the harness's (N, 3, H, W) float32 [0, 1] convention.
+:func:`from_pretrained` is the harness's one loader of diffusers checkpoints (local folder, shipped model or hub
+id); :func:`load_pipeline` and the ``noisy_upscale`` purifier's SD x4 upscaler both read weights through it. A
+missing checkpoint raises :class:`ModelNotFoundError`, whose message names the option that set the source, says
+where the harness looked and how to point it at local weights. Images never cross this module: pipelines take
+and return whatever diffusers does; model wrappers convert from and to the harness's (N, 3, H, W) float32
+[0, 1] convention.
 
 This module imports diffusers and transformers lazily, so importing :class:`ModelSpec` (for configs) is cheap.
 """
@@ -31,10 +35,10 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import inspect
 import json
 import logging
 import os
-import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -45,7 +49,7 @@ from typing import Any
 import torch
 
 from harness.errors import ConfigError, ModelNotFoundError
-from harness.seeding import isolated_torch_rng
+from harness.tiny_random import TINY_RANDOM_RESOLUTION, build_tiny_random
 
 __all__ = [
     "ModelSpec",
@@ -54,13 +58,9 @@ __all__ = [
     "TINY_RANDOM_SOURCES",
     "TINY_RANDOM_RESOLUTION",
     "SHIPPED_MODELS",
+    "DTYPES",
     "shipped_model_path",
-    "build_tiny_random",
-    "save_tiny_random",
-    "build_tiny_random_upscaler",
-    "save_tiny_random_upscaler",
-    "tiny_clip_tokenizer",
-    "write_tiny_tokenizer_files",
+    "from_pretrained",
     "load_pipeline",
     "clear_model_cache",
 ]
@@ -69,10 +69,9 @@ logger = logging.getLogger(__name__)
 
 #: the tasks :func:`load_pipeline` serves.
 TASKS: tuple[str, ...] = ("text2img", "img2img", "inpaint")
-#: the sources built in memory by :func:`build_tiny_random` (the second with a 9-channel inpainting UNet).
+#: the sources built in memory by :func:`harness.tiny_random.build_tiny_random` (the second with a 9-channel
+#: inpainting UNet); their native image side is :data:`TINY_RANDOM_RESOLUTION` (32 px, defined there).
 TINY_RANDOM_SOURCES: tuple[str, ...] = ("tiny-random", "tiny-random-inpaint")
-#: the native image side of the tiny-random pipelines, in pixels.
-TINY_RANDOM_RESOLUTION = 32
 #: diffusion models shipped inside the package (``harness/zoo/<name>``), trained on the embedded world.
 SHIPPED_MODELS: tuple[str, ...] = ("tiny-sd", "tiny-sd-inpaint")
 
@@ -94,7 +93,8 @@ def _folder_digest(folder: str, mtimes: tuple[float, ...]) -> str:
     return digest.hexdigest()
 
 
-_DTYPES: dict[str, torch.dtype] = {
+#: the weight dtypes a config may name (``model.dtype``, ``purifier.dtype``), as torch dtypes.
+DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -102,11 +102,16 @@ _DTYPES: dict[str, torch.dtype] = {
 _PATH_PREFIXES = ("/", "./", "../", "~")
 
 
+def _is_path(source: str) -> bool:
+    """Whether ``source`` is read as a local folder: it starts with ``/``, ``./``, ``../`` or ``~``, or exists."""
+    return source.startswith(_PATH_PREFIXES) or os.path.exists(os.path.expanduser(source))
+
+
 def _is_local_source(source: str) -> bool:
-    """Whether ``source`` names a local folder rather than a hub id (tiny-random sources are neither)."""
+    """Whether ``source`` names a local folder rather than a hub id (tiny-random and shipped sources are neither)."""
     if source in TINY_RANDOM_SOURCES or source in SHIPPED_MODELS:
         return False
-    return source.startswith(_PATH_PREFIXES) or os.path.exists(os.path.expanduser(source))
+    return _is_path(source)
 
 
 def _resolved_path(source: str) -> Path:
@@ -149,8 +154,8 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
             raise ConfigError(f"model.source must be a non-empty string, got {self.source!r}")
-        if self.dtype not in _DTYPES:
-            raise ConfigError(f"model.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         for option in ("revision", "variant"):
             value = getattr(self, option)
             if value is not None and (not isinstance(value, str) or not value):
@@ -184,7 +189,7 @@ class ModelSpec:
     @property
     def torch_dtype(self) -> torch.dtype:
         """The configured dtype as a ``torch.dtype``."""
-        return _DTYPES[self.dtype]
+        return DTYPES[self.dtype]
 
     def key_dict(self) -> dict[str, Any]:
         """What identifies the weights, for cache keys: JSON-serialisable, without ``name``.
@@ -215,355 +220,6 @@ class ModelSpec:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Tiny random pipeline
-# --------------------------------------------------------------------------------------------------------
-
-#: Merges of the generated tokenizer, in priority order: common English letter pairs and a few whole
-#: short words, so that prompts give a mix of merged and single-byte tokens (as with real CLIP BPE).
-_TINY_MERGES: tuple[tuple[str, str], ...] = (
-    ("t", "h"),
-    ("i", "n"),
-    ("e", "r"),
-    ("a", "n"),
-    ("r", "e"),
-    ("o", "n"),
-    ("e", "n"),
-    ("o", "r"),
-    ("a", "r"),
-    ("a", "l"),
-    ("s", "t"),
-    ("i", "t"),
-    ("o", "u"),
-    ("e", "s"),
-    ("i", "s"),
-    ("p", "h"),
-    ("o", "t"),
-    ("ph", "ot"),
-    ("phot", "o</w>"),
-    ("th", "e</w>"),
-    ("o", "f</w>"),
-    ("a", "t</w>"),
-    ("in", "g</w>"),
-    ("an", "d</w>"),
-    ("i", "n</w>"),
-    ("o", "n</w>"),
-    ("t", "o</w>"),
-    ("i", "s</w>"),
-    ("e", "d</w>"),
-    ("e", "r</w>"),
-    ("l", "e</w>"),
-    ("c", "at</w>"),
-    ("d", "o"),
-    ("do", "g</w>"),
-    ("st", "y"),
-    ("sty", "le</w>"),
-    ("p", "a"),
-    ("pa", "in"),
-    ("t", "ing</w>"),
-    ("pain", "ting</w>"),
-)
-
-
-@lru_cache(maxsize=1)
-def _bytes_to_unicode() -> dict[int, str]:
-    """The byte-level BPE alphabet: a printable unicode character for each of the 256 byte values.
-
-    Printable Latin-1 bytes map to themselves; the others (control characters, space, ...) map to
-    consecutive code points from 256 upwards, so every byte string has a whitespace-free spelling.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return dict(sorted(table.items()))
-
-
-@lru_cache(maxsize=1)
-def _tiny_vocab_and_merges() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
-    """The generated CLIP-style vocabulary (in id order) and its merges.
-
-    Layout, as in CLIP's own files: the 256 byte characters (ids 0..255), their ``"</w>"`` end-of-word
-    variants (256..511), one token per merge in merge order, then ``"<|startoftext|>"`` and
-    ``"<|endoftext|>"`` (the last two ids). Duplicate merges are skipped.
-    """
-    chars = list(_bytes_to_unicode().values())
-    vocab = [*chars, *(c + "</w>" for c in chars)]
-    known = set(vocab)
-    merges: list[tuple[str, str]] = []
-    for left, right in _TINY_MERGES:
-        if left + right in known:
-            continue
-        if left not in known or right not in known:
-            raise AssertionError(f"tiny tokenizer merge {left!r} {right!r} uses an unknown token")
-        merges.append((left, right))
-        vocab.append(left + right)
-        known.add(left + right)
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return tuple(vocab), tuple(merges)
-
-
-def write_tiny_tokenizer_files(folder: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """Write the generated byte-level BPE ``vocab.json`` and ``merges.txt`` into ``folder``.
-
-    Args:
-        folder: an existing directory.
-
-    Returns:
-        The paths of ``vocab.json`` (token -> id, 554 entries) and ``merges.txt`` (``#version: 0.2``
-        header, then one ``"left right"`` merge per line).
-    """
-    vocab, merges = _tiny_vocab_and_merges()
-    folder = Path(folder)
-    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
-    vocab_file.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False), "utf-8")
-    merges_file.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), "utf-8")
-    return vocab_file, merges_file
-
-
-def tiny_clip_tokenizer() -> Any:
-    """A ``transformers.CLIPTokenizer`` over a generated byte-level BPE vocabulary (no download).
-
-    The vocabulary has the 256 byte-to-unicode characters, their ``"</w>"`` end-of-word variants, one token
-    per merge of a short list of common English pairs and words, and the ``<|startoftext|>`` /
-    ``<|endoftext|>`` specials (the latter also pads and stands for unknown text). Any text tokenizes (every
-    byte has a token). ``model_max_length`` is 77, as for Stable Diffusion's CLIP.
-
-    The files are written into a temporary folder and loaded with ``CLIPTokenizer.from_pretrained``: in
-    transformers 5 ``CLIPTokenizer(vocab_file=..., merges_file=...)`` silently ignores the files and builds
-    a three-token vocabulary, whereas ``from_pretrained`` on a folder converts them.
-
-    Returns:
-        The tokenizer; ``len(tokenizer)`` is the vocabulary size.
-    """
-    from transformers import CLIPTokenizer
-
-    with tempfile.TemporaryDirectory(prefix="tiny-clip-tokenizer-") as tmp:
-        write_tiny_tokenizer_files(tmp)
-        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
-    expected = len(_tiny_vocab_and_merges()[0])
-    if len(tokenizer) != expected:  # guards against a transformers change in how the files are read
-        raise RuntimeError(f"tiny CLIP tokenizer has {len(tokenizer)} tokens, expected {expected}")
-    return tokenizer
-
-
-def _tiny_text_encoder(tokenizer: Any) -> Any:
-    """A randomly initialised 2-layer ``CLIPTextModel`` of width 32 over ``tokenizer`` (draws from the global RNG).
-
-    Call it inside :func:`harness.seeding.isolated_torch_rng` for reproducible weights.
-    """
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=32,
-        layer_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModel(text_config)
-
-
-def build_tiny_random(seed: int = 0, inpaint: bool = False) -> Any:
-    """Build a tiny, randomly initialised Stable-Diffusion-shaped pipeline, deterministically, offline.
-
-    Components: an ``AutoencoderKL`` with two levels (32, 64 channels; 4 latent channels; downsamples 2x,
-    which is what the pipeline's ``vae_scale_factor`` computes), a ``UNet2DConditionModel`` (32, 64
-    channels, one layer per block, cross-attention dim 32, ``sample_size`` 16 latents = 32 px), a 2-layer
-    ``CLIPTextModel`` of width 32 over :func:`tiny_clip_tokenizer`, and a ``DDIMScheduler`` with Stable
-    Diffusion's beta schedule (scaled_linear, 0.00085..0.012, 1000 steps). No safety checker.
-
-    Weights are drawn inside :func:`harness.seeding.isolated_torch_rng`, so the same ``seed`` gives the same
-    weights and the caller's global RNG is untouched.
-
-    Args:
-        seed: seed of the weight initialisation.
-        inpaint: build a ``StableDiffusionInpaintPipeline`` whose UNet takes 9 input channels (4 noisy
-            latents + 1 mask + 4 masked-image latents) instead of a ``StableDiffusionPipeline``.
-
-    Returns:
-        The pipeline, float32 on CPU, progress bar disabled. Native resolution 32 px (any multiple of 4
-        works). Outputs are in the pipeline's usual ranges (``output_type="pt"``: (N, 3, H, W) in [0, 1]).
-    """
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionInpaintPipeline,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-
-    tokenizer = tiny_clip_tokenizer()
-    with isolated_torch_rng(seed):
-        unet = UNet2DConditionModel(
-            sample_size=TINY_RANDOM_RESOLUTION // 2,
-            in_channels=9 if inpaint else 4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            # diffusers' legacy naming: for this UNet "attention_head_dim" is the number of heads.
-            attention_head_dim=(2, 4),
-            norm_num_groups=32,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=32,
-            sample_size=TINY_RANDOM_RESOLUTION,
-        )
-        text_encoder = _tiny_text_encoder(tokenizer)
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
-    pipe = cls(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def save_tiny_random(path: str | os.PathLike[str], inpaint: bool = False, seed: int = 0) -> Path:
-    """Write :func:`build_tiny_random` ``(seed, inpaint)`` as a diffusers folder (safetensors weights).
-
-    Args:
-        path: target folder (created if needed).
-        inpaint: save the inpainting variant.
-        seed: weight seed.
-
-    Returns:
-        The folder, which contains ``model_index.json``; ``ModelSpec(source=str(path))`` loads it and gives
-        the same outputs as the in-memory pipeline.
-    """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    build_tiny_random(seed=seed, inpaint=inpaint).save_pretrained(path, safe_serialization=True)
-    return path
-
-
-def build_tiny_random_upscaler(seed: int = 0) -> Any:
-    """A tiny, randomly initialised pipeline shaped like the SD x4 upscaler, built offline and deterministically.
-
-    Like ``stabilityai/stable-diffusion-x4-upscaler`` it is a ``StableDiffusionUpscalePipeline`` whose UNet takes
-    7 input channels (4 noisy latents + the 3-channel low-resolution image, concatenated at latent size) and
-    embeds the image's noise level through a class embedding (``num_class_embeds=1000``, passed as
-    ``class_labels``), whose VAE has three levels (it upsamples latents 4x) with ``scaling_factor`` 0.08333, a
-    ``DDPMScheduler`` that noises the low-resolution image and a v-prediction ``DDIMScheduler``;
-    ``max_noise_level`` is 350. The sizes are tiny (UNet 32/64 channels, VAE 32/64/64, the 2-layer text
-    encoder and generated tokenizer of :func:`build_tiny_random`). Outputs are meaningless pictures.
-
-    Args:
-        seed: seed of the weight initialisation (drawn inside :func:`harness.seeding.isolated_torch_rng`).
-
-    Returns:
-        The pipeline, float32 on CPU, progress bar disabled. An (N, 3, h, w) image in [0, 1] (h, w multiples of
-        4) gives (N, 3, 4h, 4w) outputs.
-    """
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        DDPMScheduler,
-        StableDiffusionUpscalePipeline,
-        UNet2DConditionModel,
-    )
-
-    tokenizer = tiny_clip_tokenizer()
-    with isolated_torch_rng(seed):
-        unet = UNet2DConditionModel(
-            sample_size=TINY_RANDOM_RESOLUTION // 4,
-            in_channels=7,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=(2, 4),
-            norm_num_groups=32,
-            num_class_embeds=1000,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(32, 64, 64),
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=32,
-            sample_size=TINY_RANDOM_RESOLUTION,
-            scaling_factor=0.08333,
-        )
-        text_encoder = _tiny_text_encoder(tokenizer)
-    low_res_scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear"
-    )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.0001,
-        beta_end=0.02,
-        beta_schedule="scaled_linear",
-        prediction_type="v_prediction",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionUpscalePipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        low_res_scheduler=low_res_scheduler,
-        scheduler=scheduler,
-        max_noise_level=350,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def save_tiny_random_upscaler(path: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Write :func:`build_tiny_random_upscaler` ``(seed)`` as a diffusers folder (safetensors weights).
-
-    Returns:
-        The folder (it contains ``model_index.json``); ``StableDiffusionUpscalePipeline.from_pretrained`` or the
-        ``noisy_upscale`` purifier's ``upscaler_source`` loads it.
-    """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    build_tiny_random_upscaler(seed=seed).save_pretrained(path, safe_serialization=True)
-    return path
-
-
-# --------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------
 
@@ -583,42 +239,54 @@ def clear_model_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def _not_found_message(spec: ModelSpec, problem: str, error: BaseException | None = None) -> str:
+def _not_found_message(
+    source: str,
+    kind: str,
+    problem: str,
+    error: BaseException | None,
+    *,
+    option: str,
+    what: str,
+    writer: str,
+    revision: str | None,
+    variant: str | None,
+) -> str:
+    """What :func:`from_pretrained` says when ``source`` (a ``kind`` checkpoint set by ``option``) is missing."""
     from huggingface_hub import constants
 
     env = os.environ.get("HF_HUB_OFFLINE")
     offline = constants.is_offline_mode()
-    lines = [f"model checkpoint not found for model.source={spec.source!r}: {problem}.", "Where the harness looked:"]
-    if spec.kind == "local":
-        lines.append(f"  - the local folder {_resolved_path(spec.source)} (a diffusers folder with model_index.json)")
-    elif spec.kind == "shipped":
-        lines.append(f"  - the shipped model folder {shipped_model_path(spec.source)}")
+    lines = [f"{what} checkpoint not found for {option}={source!r}: {problem}.", "Where the harness looked:"]
+    if kind == "local":
+        lines.append(f"  - the local folder {_resolved_path(source)} (a diffusers folder with model_index.json)")
+    elif kind == "shipped":
+        lines.append(f"  - the shipped model folder {shipped_model_path(source)}")
         lines.append(
             f"How to fix: reinstall the package from a complete checkout, or retrain the weights with "
-            f"`python -m harness.zoo train {spec.source}`."
+            f"`python -m harness.zoo train {source}`."
         )
         if error is not None:
             lines.append(f"Original error: {type(error).__name__}: {error}")
         return "\n".join(lines)
     else:
-        rev = f", revision={spec.revision!r}" if spec.revision else ""
-        var = f", variant={spec.variant!r}" if spec.variant else ""
-        lines.append(f"  - the Hugging Face hub cache {constants.HF_HUB_CACHE} for hub id {spec.source!r}{rev}{var}")
+        rev = f", revision={revision!r}" if revision else ""
+        var = f", variant={variant!r}" if variant else ""
+        lines.append(f"  - the Hugging Face hub cache {constants.HF_HUB_CACHE} for hub id {source!r}{rev}{var}")
         lines.append(
             f"  - HF_HUB_OFFLINE is {'set' if env else 'not set'} ({env!r}); offline mode is "
             f"{'on: nothing is downloaded' if offline else 'off: the hub was asked too'}"
         )
     lines += [
-        "How to fix: point the harness at local weights with model.source=/path/to/diffusers/folder "
-        "(a folder written by a pipeline's save_pretrained, containing model_index.json),",
+        f"How to fix: point the harness at local weights with {option}=/path/to/folder "
+        f"(a diffusers folder written by {writer} save_pretrained, containing model_index.json),",
     ]
-    if spec.kind == "hub":
+    if kind == "hub":
         lines.append(
             "or pre-download the model into the Hugging Face cache on a machine with network access "
-            f"(`hf download {spec.source}`, then copy {constants.HF_HUB_CACHE} here or set HF_HUB_CACHE)."
+            f"(`hf download {source}`, then copy {constants.HF_HUB_CACHE} here or set HF_HUB_CACHE)."
         )
     else:
-        lines.append("or name a Hugging Face hub id already in the cache, e.g. model.source=org/model-name.")
+        lines.append(f"or name a Hugging Face hub id already in the cache, e.g. {option}=org/model-name.")
     if error is not None:
         lines.append(f"Original error: {type(error).__name__}: {error}")
     return "\n".join(lines)
@@ -642,40 +310,85 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _from_pretrained(spec: ModelSpec, torch_dtype: torch.dtype) -> Any:
-    """Load a local diffusers folder or a hub id with ``DiffusionPipeline.from_pretrained``."""
+def from_pretrained(
+    source: str,
+    torch_dtype: torch.dtype,
+    *,
+    pipeline_class: Any = None,
+    option: str = "model.source",
+    what: str = "model",
+    revision: str | None = None,
+    variant: str | None = None,
+    shipped: bool = False,
+    also_catch: tuple[type[BaseException], ...] = (),
+) -> Any:
+    """Load a diffusers pipeline from a local folder, a shipped model or a hub id: the harness's one checkpoint loader.
+
+    ``source`` is read as a local folder when it starts with ``/``, ``./``, ``../`` or ``~`` or exists on disk
+    (it must hold ``model_index.json``), else as a hub id, read from the local Hugging Face cache only when
+    offline mode is on. An SD-style pipeline is loaded without its safety checker (the harness never uses it).
+
+    Args:
+        source: the folder or hub id (for ``shipped``, a name of :data:`SHIPPED_MODELS`).
+        torch_dtype: the weights' dtype.
+        pipeline_class: the diffusers pipeline class to load with (default ``DiffusionPipeline``, which takes the
+            class named in ``model_index.json``), e.g. ``StableDiffusionUpscalePipeline``.
+        option: the config option that set ``source``, named in errors (``"model.source"``,
+            ``"purifier.upscaler_source"``).
+        what: what the checkpoint is, for errors (``"model"`` gives "model checkpoint not found ...").
+        revision: hub revision (branch, tag or commit); not used for folders.
+        variant: weight-file variant such as ``"fp16"``, or None.
+        shipped: ``source`` is a model shipped inside the package, read from :func:`shipped_model_path`.
+        also_catch: further exception types that mean a missing or unusable checkpoint for this caller.
+
+    Returns:
+        The pipeline, on CPU.
+
+    Raises:
+        ModelNotFoundError: the folder is missing or not a diffusers folder, or loading failed; the message
+            names ``option`` and ``source``, says where the harness looked and how to fix it.
+    """
     from diffusers import DiffusionPipeline
     from huggingface_hub import constants
 
-    if spec.kind in ("local", "shipped"):
-        folder = shipped_model_path(spec.source) if spec.kind == "shipped" else _resolved_path(spec.source)
+    cls = pipeline_class or DiffusionPipeline
+    kind = "shipped" if shipped else "local" if _is_path(source) else "hub"
+    writer = "a pipeline's" if cls is DiffusionPipeline else f"a {cls.__name__}'s"
+
+    def not_found(problem: str, error: BaseException | None = None) -> ModelNotFoundError:
+        message = _not_found_message(
+            source, kind, problem, error, option=option, what=what, writer=writer, revision=revision, variant=variant
+        )
+        return ModelNotFoundError(message)
+
+    if kind in ("local", "shipped"):
+        folder = shipped_model_path(source) if kind == "shipped" else _resolved_path(source)
         if not folder.is_dir():
-            what = "is a file, not a folder" if folder.exists() else "does not exist"
-            raise ModelNotFoundError(_not_found_message(spec, f"the folder {folder} {what}"))
+            problem = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise not_found(f"the folder {folder} {problem}")
         if not (folder / "model_index.json").is_file():
-            raise ModelNotFoundError(
-                _not_found_message(spec, f"the folder {folder} has no model_index.json (not a diffusers folder)")
-            )
+            raise not_found(f"the folder {folder} has no model_index.json (not a diffusers folder)")
         location = str(folder)
         load_kwargs: dict[str, Any] = {}
     else:
-        location = spec.source
-        load_kwargs = {"revision": spec.revision}
+        location = source
+        load_kwargs = {"revision": revision}
         if constants.is_offline_mode():
             load_kwargs["local_files_only"] = True
     try:
         with warnings.catch_warnings():
             # diffusers 0.42's load_config passes a deprecated argument to hf_hub_download.
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-            config = DiffusionPipeline.load_config(location, **load_kwargs)
+            config = cls.load_config(location, **load_kwargs)
             # diffusers 0.42 deprecates from_pretrained's torch_dtype in favour of dtype.
-            kwargs: dict[str, Any] = {**load_kwargs, "dtype": torch_dtype, "variant": spec.variant}
+            kwargs: dict[str, Any] = {**load_kwargs, "dtype": torch_dtype, "variant": variant}
             if "safety_checker" in config:  # SD-style pipelines: drop the NSFW filter, it is not audited here
                 kwargs["safety_checker"] = None
-                kwargs["requires_safety_checker"] = False
-            pipe = DiffusionPipeline.from_pretrained(location, **kwargs)
-    except _hub_errors() as error:
-        raise ModelNotFoundError(_not_found_message(spec, "loading failed", error)) from error
+                if cls is DiffusionPipeline or "requires_safety_checker" in inspect.signature(cls.__init__).parameters:
+                    kwargs["requires_safety_checker"] = False
+            pipe = cls.from_pretrained(location, **kwargs)
+    except (*_hub_errors(), *also_catch) as error:
+        raise not_found("loading failed", error) from error
     return pipe
 
 
@@ -701,7 +414,9 @@ def _load_base(spec: ModelSpec, device: torch.device) -> Any:
                     # torch's own .to: diffusers 0.42's ModelMixin.to warns on every dtype cast.
                     torch.nn.Module.to(module, dtype=dtype)
     else:
-        pipe = _from_pretrained(spec, dtype)
+        pipe = from_pretrained(
+            spec.source, dtype, revision=spec.revision, variant=spec.variant, shipped=spec.kind == "shipped"
+        )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

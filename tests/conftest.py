@@ -46,6 +46,6 @@ def ctx():
 @pytest.fixture(scope="session")
 def tiny_upscaler_dir(tmp_path_factory) -> Path:
     """A tiny random SD-x4-upscaler-shaped pipeline saved with save_pretrained (built offline, once per session)."""
-    from harness.models import save_tiny_random_upscaler
+    from harness.tiny_random import save_tiny_random_upscaler
 
     return save_tiny_random_upscaler(tmp_path_factory.mktemp("tiny-x4-upscaler"))

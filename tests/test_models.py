@@ -15,16 +15,15 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from harness import models  # noqa: E402
+from harness import models, tiny_random  # noqa: E402
 from harness.models import (  # noqa: E402
     ModelNotFoundError,
     ModelSpec,
-    build_tiny_random,
     clear_model_cache,
     load_pipeline,
-    save_tiny_random,
 )
 from harness.protocols import ConfigError  # noqa: E402
+from harness.tiny_random import build_tiny_random, save_tiny_random  # noqa: E402
 
 TINY = ModelSpec(source="tiny-random", resolution=32)
 TINY_INPAINT = ModelSpec(source="tiny-random-inpaint", resolution=32)
@@ -153,10 +152,10 @@ def test_tiny_tokenizer():
 def test_tokenizer_files_load(tmp_path: Path):
     from transformers import CLIPTokenizer
 
-    vocab_file, merges_file = models.write_tiny_tokenizer_files(tmp_path)
+    vocab_file, merges_file = tiny_random.write_tiny_tokenizer_files(tmp_path)
     assert merges_file.read_text().startswith("#version: 0.2\n")
     tok = CLIPTokenizer.from_pretrained(tmp_path)
-    assert len(tok) == len(models.tiny_clip_tokenizer())
+    assert len(tok) == len(tiny_random.tiny_clip_tokenizer())
     # every byte has a token, so any text encodes without unknowns
     ids = tok("Ünïcødé ☃ 123!").input_ids
     assert tok.unk_token_id not in ids[1:-1]

@@ -10,9 +10,8 @@ from harness.models import ModelNotFoundError
 from harness.protocols import ConfigError, Context
 from harness.seeding import make_generator
 from harness.types import ImageSet
+from purifiers.ncnn_graph import NcnnGraph, NcnnRuntime
 from purifiers.noisy_upscale import (
-    NcnnGraph,
-    NcnnRuntime,
     NoisyUpscale,
     _load_graph,
     _load_ncnn,

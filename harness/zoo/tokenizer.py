@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from harness.models import _bytes_to_unicode
+from harness.tiny_random import bytes_to_unicode
 
 #: the context length of the world's text encoders (its captions are short).
 CONTEXT_LENGTH = 32
@@ -50,7 +50,7 @@ def world_words() -> list[str]:
 @lru_cache(maxsize=1)
 def world_vocab_and_merges() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     """Learn the merges on :func:`world_words` (each word counted once; ties broken alphabetically)."""
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab = [*chars, *(c + "</w>" for c in chars)]
     words = [(*w[:-1], w[-1] + "</w>") for w in world_words()]
     merges: list[tuple[str, str]] = []
