@@ -16,6 +16,8 @@ their denoising loss is added to every surrogate step (weight ``prior_weight``).
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -89,134 +91,180 @@ class ASPL(Defense):
         )
 
     def protect(self, images: ImageSet, generator: torch.Generator, ctx: Context) -> DefenseOutput:
-        from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
-
         pipe = ctx.pipeline("text2img")
-        vae = pipe.vae
         device = torch.device(ctx.device)
         seed = derive_seed(generator.initial_seed(), "aspl")
         embed_list = text_embeddings(pipe, [self.instance_prompt or c for c in images.captions])
         embed = dict(zip(images.ids, embed_list, strict=True))
-
-        prior_lat = prior_cond = None
-        if self.prior_images and self.class_prompt:
-            gens = [make_generator(derive_seed(seed, "prior", k)) for k in range(self.prior_images)]
-            with torch.no_grad():
-                prior = pipe(
-                    prompt=[self.class_prompt] * self.prior_images,
-                    generator=gens,
-                    output_type="pt",
-                    num_inference_steps=30,
-                    height=images.size[0],
-                    width=images.size[1],
-                ).images.float()
-                pd = Draws(
-                    [make_generator(derive_seed(seed, "prior-enc", k)) for k in range(self.prior_images)], device
-                )
-                prior_lat = encode_sample(vae, prior.to(device), pd).float()
-                prior_cond = text_embeddings(pipe, [self.class_prompt] * self.prior_images)
-
-        surrogate = copy.deepcopy(pipe.unet).float().requires_grad_(False)
-        with isolated_torch_rng(derive_seed(seed, "lora-init")):  # peft initialises from the global RNG
-            surrogate.add_adapter(
-                LoraConfig(
-                    r=self.rank,
-                    lora_alpha=self.rank,
-                    init_lora_weights="gaussian",
-                    target_modules=list(SURROGATE_TARGETS),
-                )
-            )
-        sgen = make_generator(derive_seed(seed, "surrogate"))
-        n = len(images)
-
-        def train_surrogate(x_all: torch.Tensor, steps: int, opt: torch.optim.Optimizer) -> float:
-            last = float("nan")
-            surrogate.train()
-            for _ in range(steps):
-                idx = torch.randint(0, n, (self.surrogate_batch,), generator=sgen).tolist()
-                ids = [images.ids[i] for i in idx]
-                draws = Draws(
-                    [make_generator(int(torch.randint(0, 2**62, (1,), generator=sgen))) for _ in idx], device, ids
-                )
-                with torch.no_grad():
-                    z = encode_sample(vae, x_all[idx].to(device), draws).float()
-                cond = torch.stack([embed[i] for i in ids])
-                loss = denoising_loss(pipe, z, cond, draws, unet=surrogate).mean()
-                if prior_lat is not None:
-                    pdraws = Draws(
-                        [
-                            make_generator(int(torch.randint(0, 2**62, (1,), generator=sgen)))
-                            for _ in range(len(prior_lat))
-                        ],
-                        device,
-                    )
-                    loss = (
-                        loss
-                        + self.prior_weight * denoising_loss(pipe, prior_lat, prior_cond, pdraws, unet=surrogate).mean()
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                last = float(loss.detach())
-            surrogate.eval()
-            return last
-
-        params = [p for p in surrogate.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
-
-        def surrogate_loss(x: torch.Tensor, draws) -> torch.Tensor:
-            cond = torch.stack([embed[i] for i in draws.ids])
-            return denoising_loss(pipe, encode_sample(vae, x, draws), cond, draws, unet=surrogate)
-
-        def base_loss(x: torch.Tensor, draws) -> torch.Tensor:
-            cond = torch.stack([embed[i] for i in draws.ids])
-            return denoising_loss(pipe, encode_sample(vae, x, draws), cond, draws)
-
+        prior_lat, prior_cond = self._prior(pipe, images.size, seed, device)
+        surrogate = _Surrogate(self, pipe, images.ids, embed, prior_lat, prior_cond, seed, device)
         clean = images.images.float()
         delta = torch.zeros_like(clean)
-        vanished = torch.zeros(n, dtype=torch.bool)
-        loss_clean = loss_protected = float("nan")
-        with frozen(pipe.unet, vae, pipe.text_encoder):
+        vanished = torch.zeros(len(images), dtype=torch.bool)
+        losses = (float("nan"), float("nan"))
+        with frozen(pipe.unet, pipe.vae, pipe.text_encoder):
             for _ in ctx.progress(range(self.rounds), desc=self.name, unit="round"):
-                saved = copy.deepcopy(get_peft_model_state_dict(surrogate))
-                saved_opt = copy.deepcopy(opt.state_dict())
-                loss_clean = train_surrogate(clean, self.surrogate_steps, opt)  # f' on clean images
-                for p in params:
-                    p.requires_grad_(False)
-                res = run_pgd(
-                    clean,
-                    images.ids,
-                    surrogate_loss,
-                    self.settings,
-                    generator,
-                    ctx,
-                    init=delta,
-                    desc="aspl-pgd",
-                    measure=False,
-                )
-                for p in params:
-                    p.requires_grad_(True)
-                vanished |= res.vanished
-                delta = res.images - clean
-                set_peft_model_state_dict(surrogate, saved)  # back to f, then train f on protected images
-                opt.load_state_dict(saved_opt)
-                loss_protected = train_surrogate(clean + delta, self.surrogate_steps, opt)
+                delta, round_vanished, losses = self._round(surrogate, clean, delta, images.ids, generator, ctx)
+                vanished |= round_vanished
             protected = (clean + delta).clamp(0, 1)
-            for p in params:
-                p.requires_grad_(False)
-            report_seed = derive_seed(generator.initial_seed(), "report")
-            info = objective_report(
-                base_loss, clean, protected, images.ids, self.settings, report_seed, ctx, name="diffusion_loss"
-            )
-            sur = objective_report(
-                surrogate_loss, clean, protected, images.ids, self.settings, report_seed, ctx, name="surrogate_loss"
-            )
-        info.update(sur)
+            surrogate.set_trainable(False)
+            info = self._report(pipe, embed, surrogate, clean, protected, images.ids, generator, ctx)
         info.update(
             {
-                "surrogate_train_loss_clean": loss_clean,
-                "surrogate_train_loss_protected": loss_protected,
+                "surrogate_train_loss_clean": losses[0],
+                "surrogate_train_loss_protected": losses[1],
                 "vanished_gradient_images": float(vanished.sum()),
             }
         )
         return DefenseOutput(images.with_images(protected), info)
+
+    def _prior(
+        self, pipe: Any, size: tuple[int, int], seed: int, device: torch.device
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Prior preservation's class images, generated once by the base model: (scaled latents, text embeddings)."""
+        if not (self.prior_images and self.class_prompt):
+            return None, None
+        gens = [make_generator(derive_seed(seed, "prior", k)) for k in range(self.prior_images)]
+        with torch.no_grad():
+            prior = pipe(
+                prompt=[self.class_prompt] * self.prior_images,
+                generator=gens,
+                output_type="pt",
+                num_inference_steps=30,
+                height=size[0],
+                width=size[1],
+            ).images.float()
+            pd = Draws([make_generator(derive_seed(seed, "prior-enc", k)) for k in range(self.prior_images)], device)
+            prior_lat = encode_sample(pipe.vae, prior.to(device), pd).float()
+            prior_cond = text_embeddings(pipe, [self.class_prompt] * self.prior_images)
+        return prior_lat, prior_cond
+
+    def _round(
+        self,
+        surrogate: _Surrogate,
+        clean: torch.Tensor,
+        delta: torch.Tensor,
+        ids: tuple[str, ...],
+        generator: torch.Generator,
+        ctx: Context,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
+        """One ASPL round: (new delta, images whose gradient vanished, surrogate train losses clean/protected)."""
+        saved = surrogate.snapshot()
+        loss_clean = surrogate.train(clean, self.surrogate_steps)  # f' on clean images
+        surrogate.set_trainable(False)
+        res = run_pgd(
+            clean, ids, surrogate.loss, self.settings, generator, ctx, init=delta, desc="aspl-pgd", measure=False
+        )
+        surrogate.set_trainable(True)
+        delta = res.images - clean
+        surrogate.restore(saved)  # back to f, then train f on protected images
+        loss_protected = surrogate.train(clean + delta, self.surrogate_steps)
+        return delta, res.vanished, (loss_clean, loss_protected)
+
+    def _report(
+        self,
+        pipe: Any,
+        embed: dict[str, torch.Tensor],
+        surrogate: _Surrogate,
+        clean: torch.Tensor,
+        protected: torch.Tensor,
+        ids: tuple[str, ...],
+        generator: torch.Generator,
+        ctx: Context,
+    ) -> dict[str, Any]:
+        """The base model's and the surrogate's denoising loss on clean, noised and protected images."""
+
+        def base_loss(x: torch.Tensor, draws: Draws) -> torch.Tensor:
+            cond = torch.stack([embed[i] for i in draws.ids])
+            return denoising_loss(pipe, encode_sample(pipe.vae, x, draws), cond, draws)
+
+        report_seed = derive_seed(generator.initial_seed(), "report")
+        info = objective_report(base_loss, clean, protected, ids, self.settings, report_seed, ctx, "diffusion_loss")
+        sur = objective_report(
+            surrogate.loss, clean, protected, ids, self.settings, report_seed, ctx, name="surrogate_loss"
+        )
+        info.update(sur)
+        return info
+
+
+class _Surrogate:
+    """ASPL's LoRA surrogate for one protect call: the UNet copy with adapters, its AdamW and its batch RNG."""
+
+    def __init__(
+        self,
+        aspl: ASPL,
+        pipe: Any,
+        ids: tuple[str, ...],
+        embed: dict[str, torch.Tensor],
+        prior_lat: torch.Tensor | None,
+        prior_cond: torch.Tensor | None,
+        seed: int,
+        device: torch.device,
+    ):
+        from peft import LoraConfig
+
+        self.pipe, self.vae, self.ids, self.embed, self.device = pipe, pipe.vae, ids, embed, device
+        self.prior_lat, self.prior_cond, self.prior_weight = prior_lat, prior_cond, aspl.prior_weight
+        self.batch = aspl.surrogate_batch
+        self.unet = copy.deepcopy(pipe.unet).float().requires_grad_(False)
+        with isolated_torch_rng(derive_seed(seed, "lora-init")):  # peft initialises from the global RNG
+            self.unet.add_adapter(
+                LoraConfig(
+                    r=aspl.rank,
+                    lora_alpha=aspl.rank,
+                    init_lora_weights="gaussian",
+                    target_modules=list(SURROGATE_TARGETS),
+                )
+            )
+        self.gen = make_generator(derive_seed(seed, "surrogate"))
+        self.params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=aspl.lr, weight_decay=0.0)
+
+    def _draws(self, count: int, ids: Sequence[str] = ()) -> Draws:
+        """Per-image generators seeded by draws from the surrogate's RNG."""
+        gens = [make_generator(int(torch.randint(0, 2**62, (1,), generator=self.gen))) for _ in range(count)]
+        return Draws(gens, self.device, ids)
+
+    def train(self, x_all: torch.Tensor, steps: int) -> float:
+        """``steps`` AdamW steps on batches of ``x_all`` (plus the prior loss); the last step's loss."""
+        last = float("nan")
+        self.unet.train()
+        for _ in range(steps):
+            idx = torch.randint(0, len(self.ids), (self.batch,), generator=self.gen).tolist()
+            ids = [self.ids[i] for i in idx]
+            draws = self._draws(len(idx), ids)
+            with torch.no_grad():
+                z = encode_sample(self.vae, x_all[idx].to(self.device), draws).float()
+            cond = torch.stack([self.embed[i] for i in ids])
+            loss = denoising_loss(self.pipe, z, cond, draws, unet=self.unet).mean()
+            if self.prior_lat is not None:
+                pdraws = self._draws(len(self.prior_lat))
+                prior_loss = denoising_loss(self.pipe, self.prior_lat, self.prior_cond, pdraws, unet=self.unet).mean()
+                loss = loss + self.prior_weight * prior_loss
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            last = float(loss.detach())
+        self.unet.eval()
+        return last
+
+    def loss(self, x: torch.Tensor, draws: Draws) -> torch.Tensor:
+        """The surrogate's denoising loss per image (the objective PGD maximises)."""
+        cond = torch.stack([self.embed[i] for i in draws.ids])
+        return denoising_loss(self.pipe, encode_sample(self.vae, x, draws), cond, draws, unet=self.unet)
+
+    def set_trainable(self, flag: bool) -> None:
+        for p in self.params:
+            p.requires_grad_(flag)
+
+    def snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Copies of the adapter weights and the optimiser state."""
+        from peft import get_peft_model_state_dict
+
+        return copy.deepcopy(get_peft_model_state_dict(self.unet)), copy.deepcopy(self.opt.state_dict())
+
+    def restore(self, saved: tuple[dict[str, Any], dict[str, Any]]) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.unet, saved[0])
+        self.opt.load_state_dict(saved[1])
