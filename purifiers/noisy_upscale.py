@@ -4,7 +4,7 @@ Hönig, Rando, Carlini and Tramèr, "Adversarial perturbations cannot reliably p
 AI" (2024), Section 4 ("Noisy Upscaling"): the strongest purifier of their study. They add Gaussian noise of
 standard deviation 0.1 (in [0, 1] pixel units) to the protected image and upscale it with the Stable Diffusion
 x4 upscaler, telling the upscaler that its input is noisy (``noise_level``) while the pipeline itself adds no
-further noise to the image; 75 steps, guidance 9 (see METHODS.md).
+further noise to the image; 75 steps, guidance 9 (see docs/methods.md#noisy-upscaling).
 
 Recipe per image ``x`` of size (H, W), with the upscaler's factor ``s`` (4):
 
