@@ -31,12 +31,12 @@ import torch
 
 from harness.protocols import ConfigError, Context, check_int, check_range
 from harness.seeding import derive_seed, make_generator
+from harness.types import NORMS
 
 __all__ = ["PGDSettings", "Draws", "Objective", "PGDResult", "run_pgd", "frozen", "uniform_noise", "check_norm"]
 
 log = logging.getLogger(__name__)
 
-NORMS = ("linf", "l2")
 UPDATES = ("sign", "adam")
 SCHEDULES = ("constant", "linear", "cosine")
 

@@ -35,6 +35,7 @@ from harness.errors import ConfigError, DataError, HarnessError
 from harness.pipeline import Experiment, RunResult, realised_linf, run_experiment
 from harness.protocols import Context
 from harness.provenance import provenance
+from harness.threat_models import threat_model
 
 log = logging.getLogger("harness.run")
 
@@ -203,6 +204,9 @@ def as_control(
     configs = dict(exp.configs)
     info: dict[str, Any] = {"kind": control}
     if control == "noise":
+        norm = threat_model(exp.mimic.threat_model).budget_norm if exp.mimic is not None else "linf"
+        if norm != "linf":  # the baseline is uniform noise in an L-inf ball: no other norm is matched yet
+            raise HarnessError(f"control=noise matches the realised L-inf budget; the threat model states {norm}")
         if linf is None:
             linf = realised_linf(exp, store, ctx)
         eps = round(linf * 255) / 255  # stored images are 8-bit: the realised budget is a whole number of levels

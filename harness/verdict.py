@@ -445,14 +445,15 @@ def method_note(min_effect: float, level: float = 0.95, n_boot: int = N_BOOTSTRA
     """The report's method note: the controls, the formulas and the thresholds (Markdown)."""
     pct = f"{100 * level:g}%"
     floors = "; ".join(f"{tm.name}: {tm.floor}" for tm in threat_models().values())
+    positives = "; ".join(f"{tm.name}: {tm.positive_control}" for tm in threat_models().values())
     return "\n".join(
         [
             "## Method",
             "",
             "Every number is placed between controls measured on the same images, seeds and model:",
             "",
-            "- **positive control**: the attacker on the clean images (it must clearly beat the floor, or there "
-            "is no verdict);",
+            f"- **positive control**: the attacker on the clean images ({positives}; it must clearly beat the "
+            "floor, or there is no verdict);",
             f"- **floor**: the attacker with nothing useful ({floors});",
             "- **noise baseline**: uniform noise at the protection's realised L-inf budget on these images, under "
             "the same purifiers.",

@@ -54,3 +54,20 @@ def test_every_threat_model_has_its_audit_yaml_and_every_component_names_a_regis
     for cls in defenses:
         for name in cls.threat_models:
             threat_model(name)
+
+
+def test_noise_control_refuses_a_threat_model_whose_budgets_are_not_linf(monkeypatch):
+    import dataclasses
+
+    import harness.run as run
+    from harness.errors import HarnessError
+
+    cfg, _ = run.compose_config(["model=tiny-random", "defense=noise", "mimic=img2img"])
+    exp = run.build_experiment(cfg)
+    tm = dataclasses.replace(threat_model("editing"), budget_norm="l2")
+    monkeypatch.setattr(run, "threat_model", lambda name, **_: tm)
+    with pytest.raises(HarnessError, match="realised L-inf budget; the threat model states l2"):
+        run.as_control(cfg, exp, "noise", None, None, linf=4 / 255)
+    monkeypatch.setattr(run, "threat_model", threat_model)
+    changed, info = run.as_control(cfg, exp, "noise", None, None, linf=4 / 255)
+    assert info["eps"] == 4 / 255 and changed.configs["defense"]["eps"] == 4 / 255
