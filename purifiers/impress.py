@@ -6,9 +6,10 @@ A protected image is inconsistent under the latent diffusion model's autoencoder
     min_x'  || D(E(x')) - x' ||^2 + a * max(P(x', x) - e, 0)
 
 Published: e 0.1, Adam lr 0.01, 3000 steps, a 0.1 (docs/methods.md#impress); IMPRESS++ first adds Gaussian noise (0.1 for
-art). P is LPIPS in the paper; its pretrained weights cannot be downloaded here, so ``1 - SSIM`` (piq) is
-used, as in the harness's Glaze-style cloak, and every row says so (``perceptual: ssim``). The optimisation
-runs on the harness's shared engine (Adam, no budget: ``eps`` 1).
+art). P is LPIPS in the paper; here it is ST-LPIPS (LPIPS on an anti-aliased VGG-16 with ImageNet features,
+the only real LPIPS weights that install offline; the ``perceptual`` extra), as in the harness's Glaze-style
+cloak, and every row says so; ``perceptual: ssim`` keeps the earlier stand-in, ``1 - SSIM`` (piq). The
+optimisation runs on the harness's shared engine (Adam, no budget: ``eps`` 1).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from __future__ import annotations
 import torch
 
 from harness.diffusion import decode, encode_mean
-from harness.metrics.similarity import perceptual_distance
+from harness.metrics.similarity import PERCEPTUAL_LABELS, check_perceptual, perceptual_distance
 from harness.pgd import PGDSettings, frozen, run_pgd
-from harness.protocols import ConfigError, Context, Purifier, PurifierOutput, check_int, check_range
+from harness.protocols import Context, Purifier, PurifierOutput, check_int, check_range
 from harness.seeding import derive_seed, make_generator
 from harness.types import ImageSet
 
@@ -27,9 +28,9 @@ class Impress(Purifier):
     """IMPRESS / IMPRESS++ with the experiment's model's autoencoder.
 
     Args:
-        steps: Adam steps (3000). lr: learning rate (0.01). budget: e (0.1, in 1 - SSIM units here).
+        steps: Adam steps (3000). lr: learning rate (0.01). budget: e (0.1, in the units of ``perceptual``).
         alpha: a (0.1). initial_noise: Gaussian noise sigma added first (0 = IMPRESS; 0.1 = IMPRESS++).
-        perceptual: "ssim" (LPIPS needs weights).
+        perceptual: "stlpips" (ST-LPIPS, for the paper's LPIPS) or "ssim" (1 - SSIM).
     """
 
     name = "impress"
@@ -43,19 +44,15 @@ class Impress(Purifier):
         budget: float = 0.1,
         alpha: float = 0.1,
         initial_noise: float = 0.1,
-        perceptual: str = "ssim",
+        perceptual: str = "stlpips",
     ):
         check_int("purifier.steps", steps, 0)
-        if perceptual != "ssim":
-            raise ConfigError(
-                f"purifier.perceptual must be 'ssim' (LPIPS needs pretrained weights), got {perceptual!r}"
-            )
         self.steps = steps
         self.lr = check_range("purifier.lr", lr, 0.0, 1.0)
         self.budget = check_range("purifier.budget", budget, 0.0, 1.0)
         self.alpha = check_range("purifier.alpha", alpha, 0.0, 1e6)
         self.initial_noise = check_range("purifier.initial_noise", initial_noise, 0.0, 1.0)
-        self.perceptual = perceptual
+        self.perceptual = check_perceptual("purifier.perceptual", perceptual)
 
     @property
     def randomized(self) -> bool:  # type: ignore[override]
@@ -79,7 +76,7 @@ class Impress(Purifier):
             x0 = torch.stack([reference[i] for i in draws.ids]).to(xp.device)
             recon = decode(vae, encode_mean(vae, xp) * vae.config.scaling_factor)
             consistency = (recon - xp).pow(2).flatten(1).mean(dim=1)
-            return consistency + self.alpha * (perceptual_distance(x0, xp) - self.budget).clamp_min(0)
+            return consistency + self.alpha * (perceptual_distance(x0, xp, self.perceptual) - self.budget).clamp_min(0)
 
         settings = PGDSettings(
             eps=1.0, steps=self.steps, step_size=self.lr, update="adam", random_start=False, option="purifier"
@@ -102,7 +99,7 @@ class Impress(Purifier):
             "budget": self.budget,
             "alpha": self.alpha,
             "initial_noise": self.initial_noise,
-            "perceptual": "1-ssim (LPIPS substitute)",
+            "perceptual": PERCEPTUAL_LABELS[self.perceptual],
             "noise_seed": base,
             "objective_before": float(res.objective_before.mean()),
             "objective_after": float(res.objective_after.mean()),

@@ -299,3 +299,23 @@ def test_precision_refuses_fewer_than_2k_plus_1_images(caplog):
         assert np.isnan(Precision(features="inception-fid", nearest_k=3).value(x, x))
     assert "needs at least 7 images per set" in caplog.text and "6 given" in caplog.text
     assert np.isnan(Precision(features="inception-fid", nearest_k=2).value(x, x))  # 6 images in 2048 dimensions
+
+
+def test_perceptual_distance_for_budget_terms_is_stlpips_with_gradients_to_the_moving_image():
+    """The budget term of the Glaze-style cloak and IMPRESS (``perceptual: stlpips``) is ST-LPIPS: the same
+    values as the metric's distance in either argument order, gradients reach the perturbed image, and an
+    unknown kind names its option."""
+    from harness.metrics.similarity import check_perceptual, perceptual_distance
+
+    a = _art("dottori", n=2).images
+    b = (a + 0.05 * torch.randn(a.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    moving = b.clone().requires_grad_(True)
+    d = perceptual_distance(a, moving, "stlpips")
+    reference = stlpips_distance(load_stlpips_vgg(), a, b).float()
+    assert torch.allclose(d.detach(), reference, atol=1e-5) and (reference > 0).all()
+    assert torch.allclose(perceptual_distance(b, a, "stlpips"), reference, atol=1e-5)  # symmetric
+    d.sum().backward()
+    assert moving.grad is not None and moving.grad.abs().sum() > 0
+    assert float(perceptual_distance(a, a, "stlpips").abs().max()) < 1e-6
+    with pytest.raises(ConfigError, match="defense.perceptual"):
+        check_perceptual("defense.perceptual", "lpips-alex")

@@ -199,12 +199,21 @@ def _unit(f: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
 
 
 def stlpips_distance(net: AntiAliasedVGG16, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """ST-LPIPS distance (N,) between image batches ``x`` and ``y`` (N, 3, H, W) in [0, 1]."""
-    feats = net(torch.cat([x, y]))
+    """ST-LPIPS distance (N,) between image batches ``x`` and ``y`` (N, 3, H, W) in [0, 1].
+
+    When only ``x`` needs gradients (a loss toward a fixed target), ``y``'s features are computed without
+    building a graph; the values are the same."""
     n = x.shape[0]
-    total = torch.zeros(n, dtype=torch.float64)
-    for f, head in zip(feats, net.heads, strict=True):
-        diff = (_unit(f[:n]) - _unit(f[n:])).pow(2)
+    if x.requires_grad and not y.requires_grad:
+        fx = net(x)
+        with torch.no_grad():
+            fy = net(y)
+    else:
+        feats = net(torch.cat([x, y]))
+        fx, fy = [f[:n] for f in feats], [f[n:] for f in feats]
+    total = torch.zeros(n, dtype=torch.float64, device=x.device)
+    for a, b, head in zip(fx, fy, net.heads, strict=True):
+        diff = (_unit(a) - _unit(b)).pow(2)
         total += F.conv2d(diff, head).mean(dim=(1, 2, 3)).double()
     return total
 

@@ -152,8 +152,30 @@ class LPIPS(Metric):
             return self._model()(outputs.images.float(), references.images.float()).double().flatten()
 
 
-def perceptual_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """1 - SSIM per image (piq, 11x11 Gaussian window; smaller images use a smaller window)."""
+#: the differentiable perceptual distances a defense's or purifier's budget term may use (``perceptual``):
+#: "stlpips" (ST-LPIPS, Ghildyal & Liu 2022: LPIPS on an anti-aliased VGG-16 with ImageNet features; the
+#: published methods use LPIPS) and "ssim" (1 - SSIM, the stand-in of earlier versions of the harness).
+PERCEPTUAL_DISTANCES: tuple[str, ...] = ("stlpips", "ssim")
+#: how rows name each distance
+PERCEPTUAL_LABELS = {"stlpips": "ST-LPIPS (VGG; the published LPIPS term)", "ssim": "1 - SSIM (LPIPS substitute)"}
+
+
+def check_perceptual(option: str, kind: str) -> str:
+    """``kind`` if it is one of :data:`PERCEPTUAL_DISTANCES`, else a ConfigError naming ``option``."""
+    if kind not in PERCEPTUAL_DISTANCES:
+        raise ConfigError(f"{option} must be one of {list(PERCEPTUAL_DISTANCES)}, got {kind!r}")
+    return kind
+
+
+def perceptual_distance(a: torch.Tensor, b: torch.Tensor, kind: str = "ssim") -> torch.Tensor:
+    """Differentiable perceptual distance per image between [0, 1] batches: ``kind`` "ssim" is 1 - SSIM (piq,
+    11x11 Gaussian window; smaller images use a smaller window); "stlpips" is ST-LPIPS (the ``perceptual``
+    extra's weight file; images of at least 32 px a side)."""
+    if check_perceptual("perceptual", kind) == "stlpips":
+        from harness.metrics.perceptual import load_stlpips_vgg, stlpips_distance
+
+        net = load_stlpips_vgg().to(a.device)
+        return stlpips_distance(net, b.clamp(0, 1).float(), a.clamp(0, 1).float()).to(a.dtype)
     k = 11 if min(a.shape[-2:]) >= 11 else (min(a.shape[-2:]) // 2) * 2 - 1
     s = piq.ssim(a.clamp(0, 1).float(), b.clamp(0, 1).float(), data_range=1.0, reduction="none", kernel_size=k)
     return 1.0 - s
