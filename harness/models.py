@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib
 import inspect
 import json
 import logging
@@ -74,6 +75,12 @@ TASKS: tuple[str, ...] = ("text2img", "img2img", "inpaint")
 TINY_RANDOM_SOURCES: tuple[str, ...] = ("tiny-random", "tiny-random-inpaint")
 #: diffusion models shipped inside the package (``harness/zoo/<name>``), trained on the embedded world.
 SHIPPED_MODELS: tuple[str, ...] = ("tiny-sd", "tiny-sd-inpaint")
+#: components a shipped pipeline borrows from another shipped folder instead of storing a copy (the shipped
+#: weights must stay within 40 MB): pipeline -> {component: (shipped folder, subfolder)}. The borrowed
+#: weights count in the borrowing pipeline's digest under the component's name, as if they were its own.
+SHIPPED_BORROWED: dict[str, dict[str, tuple[str, str]]] = {
+    "tiny-sd-inpaint": {"vae": ("tiny-sd", "vae"), "text_encoder": ("tiny-sd", "text_encoder")},
+}
 
 
 def shipped_model_path(name: str) -> Path:
@@ -81,15 +88,27 @@ def shipped_model_path(name: str) -> Path:
     return Path(__file__).resolve().parent / "zoo" / name
 
 
+def shipped_weight_files(name: str) -> dict[str, Path]:
+    """The weight files of shipped pipeline ``name`` by their path inside the pipeline, borrowed ones included
+    (:data:`SHIPPED_BORROWED`)."""
+    folder = shipped_model_path(name)
+    files = {str(p.relative_to(folder)): p for p in folder.rglob("*.safetensors")}
+    for component, (owner, sub) in SHIPPED_BORROWED.get(name, {}).items():
+        source = shipped_model_path(owner) / sub
+        for p in source.rglob("*.safetensors"):
+            files.setdefault(str(Path(component) / p.relative_to(source)), p)
+    return dict(sorted(files.items()))
+
+
 @lru_cache(maxsize=8)
-def _folder_digest(folder: str, mtimes: tuple[float, ...]) -> str:
-    """SHA-256 over the weight files of a model folder (names and bytes), memoized by their mtimes."""
+def _files_digest(files: tuple[tuple[str, str], ...], mtimes: tuple[float, ...]) -> str:
+    """SHA-256 over weight files (their names inside the pipeline and their bytes), memoized by their mtimes."""
     import hashlib
 
     digest = hashlib.sha256()
-    for path in sorted(Path(folder).rglob("*.safetensors")):
-        digest.update(str(path.relative_to(folder)).encode())
-        digest.update(path.read_bytes())
+    for name, path in files:
+        digest.update(name.encode())
+        digest.update(Path(path).read_bytes())
     return digest.hexdigest()
 
 
@@ -209,10 +228,13 @@ class ModelSpec:
         if self.kind == "local":
             key["path"] = str(_resolved_path(self.source))
         elif self.kind == "shipped":
-            folder = shipped_model_path(self.source)
-            files = sorted(folder.rglob("*.safetensors"))
+            files = shipped_weight_files(self.source)
             key["weights_sha256"] = (
-                _folder_digest(str(folder), tuple(f.stat().st_mtime for f in files)) if files else None
+                _files_digest(
+                    tuple((k, str(p)) for k, p in files.items()), tuple(p.stat().st_mtime for p in files.values())
+                )
+                if files
+                else None
             )
         if self.inpaint_source:
             key["inpaint"] = self.for_task("inpaint").key_dict()
@@ -386,10 +408,23 @@ def from_pretrained(
                 kwargs["safety_checker"] = None
                 if cls is DiffusionPipeline or "requires_safety_checker" in inspect.signature(cls.__init__).parameters:
                     kwargs["requires_safety_checker"] = False
+            if kind == "shipped":
+                kwargs.update(_borrowed_components(source, config, torch_dtype))
             pipe = cls.from_pretrained(location, **kwargs)
     except (*_hub_errors(), *also_catch) as error:
         raise not_found("loading failed", error) from error
     return pipe
+
+
+def _borrowed_components(name: str, config: dict[str, Any], torch_dtype: torch.dtype) -> dict[str, Any]:
+    """The components shipped pipeline ``name`` borrows (:data:`SHIPPED_BORROWED`), loaded with the classes its
+    ``model_index.json`` names, for ``from_pretrained`` to take instead of reading its own subfolders."""
+    out = {}
+    for component, (owner, sub) in SHIPPED_BORROWED.get(name, {}).items():
+        library, class_name = config[component]
+        cls = getattr(importlib.import_module(library), class_name)
+        out[component] = cls.from_pretrained(shipped_model_path(owner) / sub, dtype=torch_dtype)
+    return out
 
 
 def _effective_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
