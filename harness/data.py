@@ -44,7 +44,9 @@ from harness.errors import ConfigError, DataError
 from harness.types import ImageSet
 
 __all__ = [
+    "HELD_OUT_PHOTOS",
     "SAMPLE_PHOTOS",
+    "TRAIN_PHOTOS",
     "DataError",
     "ImageFolder",
     "SamplePhotos",
@@ -447,6 +449,13 @@ SAMPLE_PHOTOS: dict[str, tuple[Callable[[], Image.Image], str]] = {
     "sklearn/flower": (_sklearn("flower.jpg"), "a photo of a flower"),
     "matplotlib/grace_hopper": (_matplotlib("grace_hopper.jpg"), "a portrait photo of Grace Hopper"),
 }
+
+
+#: whole photos no model of the embedded world is trained on: the editing threat model edits them, so an edit
+#: is measured on images the autoencoder, the UNets and the judge never saw (not on new crops of seen photos).
+HELD_OUT_PHOTOS: tuple[str, ...] = ("skimage/astronaut", "skimage/chelsea", "skimage/coffee", "skimage/rocket")
+#: the sample photos the embedded world's models may train on (random crops of them).
+TRAIN_PHOTOS: tuple[str, ...] = tuple(p for p in SAMPLE_PHOTOS if p not in HELD_OUT_PHOTOS)
 
 
 class SamplePhotos:

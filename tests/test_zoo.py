@@ -197,8 +197,8 @@ def toy_world(monkeypatch):
 
     original = train.world_data
 
-    def small(artists, per_pair, crops_per_photo, seed, split="train"):
-        return original(tuple(artists)[:2], 1, 1, seed, split)
+    def small(artists, per_pair, crops_per_photo, seed, split="train", size=64, photos=None):
+        return original(tuple(artists)[:2], 1, 1, seed, split, size, photos)
 
     monkeypatch.setattr(train, "world_data", small)
     return train

@@ -3,7 +3,8 @@
 Commands:
     train MODEL     train ``vae``, ``tiny-clip``, ``tiny-sd`` (needs the vae), ``tiny-sd-inpaint`` (needs tiny-sd)
                     or ``all`` (in that order) in a work folder (resumes from checkpoints), then install the
-                    result into the package (``harness/zoo/<model>``, fp16 safetensors).
+                    result into the package (``harness/zoo/<model>``, fp16 safetensors). ``tiny-vae`` is the
+                    embedded world v2's autoencoder (128 px, 8x), trained on its own.
     evaluate        measure the quality figures of the installed models (``figures.json`` in each folder) and
                     write the model cards; ``--skip-lora`` skips the (minutes-long) LoRA positive control.
     cards           rewrite the model cards from the saved training records and figures.
@@ -32,12 +33,17 @@ from harness.zoo import cards
 
 ZOO = Path(__file__).resolve().parent
 MODELS = ("tiny-clip", "tiny-sd", "tiny-sd-inpaint")
+#: models of the embedded world v2 shipped so far (issue 16 moves the others to it)
+MODELS_V2 = ("tiny-vae",)
 
 
-def _install_pipeline(work: Path, name: str, record_files: list[str], zoo: Path = ZOO) -> Path:
-    """Copy the trained pipeline folder ``work/name`` into ``zoo/name`` (atomically), with its training records."""
-    dest = zoo / name
-    tmp = zoo / f".{name}.tmp"
+def _install_pipeline(
+    work: Path, name: str, record_files: list[str], zoo: Path = ZOO, dest_name: str | None = None
+) -> Path:
+    """Copy the trained pipeline folder ``work/name`` into ``zoo/<dest_name or name>`` (atomically), with its
+    training records."""
+    dest = zoo / (dest_name or name)
+    tmp = zoo / f".{dest.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(work / name, tmp)
     records = [json.loads((work / f).read_text()) for f in record_files if (work / f).is_file()]
@@ -47,6 +53,19 @@ def _install_pipeline(work: Path, name: str, record_files: list[str], zoo: Path 
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
+
+
+def drop_borrowed(folder: Path, name: str) -> None:
+    """Remove the subfolders that shipped pipeline ``name`` borrows from another (``SHIPPED_BORROWED``), after
+    checking that their weights are byte-identical to the lender's."""
+    from harness.models import SHIPPED_BORROWED
+
+    for component, (owner, sub) in SHIPPED_BORROWED.get(name, {}).items():
+        mine, theirs = folder / component, folder.parent / owner / sub
+        for f in mine.rglob("*.safetensors"):
+            if f.read_bytes() != (theirs / f.relative_to(mine)).read_bytes():
+                raise SystemExit(f"{f} differs from {theirs / f.relative_to(mine)}: {name} cannot borrow {component}")
+        shutil.rmtree(mine)
 
 
 def install_clip(work: Path, zoo: Path = ZOO) -> Path:
@@ -89,6 +108,16 @@ def install_clip(work: Path, zoo: Path = ZOO) -> Path:
     return dest
 
 
+def install_autoencoder(work: Path, zoo: Path = ZOO) -> Path:
+    """Write ``tiny-vae`` (an AutoencoderKL folder, fp16 safetensors) with its training record."""
+    from diffusers import AutoencoderKL
+
+    tmp = work / "tiny-vae-fp16"
+    shutil.rmtree(tmp, ignore_errors=True)
+    AutoencoderKL.from_pretrained(work / "tiny-vae", dtype=torch.float16).save_pretrained(tmp)
+    return _install_pipeline(tmp.parent, tmp.name, ["tiny-vae_record.json"], zoo, dest_name="tiny-vae")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from harness.zoo import train
 
@@ -103,6 +132,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         t0 = time.time()
         if model == "vae":
             train.train_vae(work, **kw)
+        elif model == "tiny-vae":
+            train.train_autoencoder(work, **kw)
+            install_autoencoder(work)
         elif model == "tiny-clip":
             train.train_clip(work, **kw)
             install_clip(work)
@@ -115,7 +147,10 @@ def cmd_train(args: argparse.Namespace) -> None:
             if not (work / "tiny-sd" / "model_index.json").is_file():
                 raise SystemExit(f"train tiny-sd first: {work / 'tiny-sd'} is missing")
             train.train_inpaint(work, **kw)
-            _install_pipeline(work, "tiny-sd-inpaint", ["vae_record.json", "sd_record.json", "inpaint_record.json"])
+            dest = _install_pipeline(
+                work, "tiny-sd-inpaint", ["vae_record.json", "sd_record.json", "inpaint_record.json"]
+            )
+            drop_borrowed(dest, "tiny-sd-inpaint")
         print(f"{model}: done in {time.time() - t0:.0f} s", flush=True)
     cards.write_all()
 
@@ -127,6 +162,48 @@ def _save_figures(model: str, figures: dict[str, Any]) -> None:
     path.write_text(json.dumps(old, indent=2) + "\n")
 
 
+def _evaluate_autoencoder(args: argparse.Namespace, stamp: dict[str, Any]) -> None:
+    """``tiny-vae``'s figures: reconstruction, and the encoder attack's reach beside uniform noise; with
+    ``--taef2 DIR`` also the TAEF2 reference row on the same photos with the same attack."""
+    from diffusers import AutoencoderKL
+
+    from harness.diffusion import encode_mean
+    from harness.zoo import architectures as arch
+    from harness.zoo import evaluate as ev
+
+    t0 = time.time()
+    vae = AutoencoderKL.from_pretrained(ZOO / "tiny-vae", torch_dtype=torch.float32).to(args.device).eval()
+    vae.requires_grad_(False)
+    photos = ev.held_out_photos(arch.RESOLUTION_V2)
+    settings = ev.photoguard_encoder_settings(args.attack_steps)
+    figures: dict[str, Any] = {**stamp, "reconstruction": ev.evaluate_autoencoder(vae, arch.RESOLUTION_V2)}
+    print("tiny-vae reconstruction", json.dumps(figures["reconstruction"]), flush=True)
+    figures["susceptibility"] = ev.encoder_susceptibility(
+        lambda x: encode_mean(vae, x), photos, settings, device=args.device
+    )
+    print("tiny-vae susceptibility", json.dumps(figures["susceptibility"]), flush=True)
+    figures["seconds"] = round(time.time() - t0, 1)
+    update: dict[str, Any] = {"evaluation": figures}
+    if args.taef2:
+        from harness.zoo.reference import load_taef2
+
+        taef2 = load_taef2(args.taef2).to(args.device)
+        with torch.no_grad():
+            rec = taef2.decode(taef2.encode(photos.images.to(args.device))).cpu()
+        psnr = ev._psnr(rec, photos.images)
+        update["reference_taef2"] = {
+            "source": "TAEF2 (madebyollin, MIT), read with --taef2; not shipped",
+            "measured_on": stamp["measured_on"],
+            "reconstruction": {
+                "psnr_db_mean": round(float(psnr.mean()), 2),
+                "psnr_db_per_photo": {i: round(float(v), 2) for i, v in zip(photos.ids, psnr.tolist(), strict=True)},
+            },
+            "susceptibility": ev.encoder_susceptibility(taef2.encode, photos, settings, device=args.device),
+        }
+        print("taef2", json.dumps(update["reference_taef2"]), flush=True)
+    _save_figures("tiny-vae", update)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from harness.metrics.clip import load_clip, style_classifier
     from harness.models import ModelSpec, load_pipeline
@@ -136,6 +213,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     out = Path(args.grids)
     clip = load_clip("tiny-clip", device=args.device)
     stamp = {"measured_on": time.strftime("%Y-%m-%d"), "device": args.device, "threads": torch.get_num_threads()}
+    if "tiny-vae" in args.models:
+        _evaluate_autoencoder(args, stamp)
     if "tiny-clip" in args.models:
         t0 = time.time()
         figures = ev.evaluate_clip(clip)
@@ -182,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m harness.zoo", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a shipped model and install it into the package")
-    p.add_argument("model", choices=["vae", *MODELS, "all"])
+    p.add_argument("model", choices=["vae", *MODELS, *MODELS_V2, "all"])
     p.add_argument("--work", default="zoo-work", help="work folder for checkpoints and intermediate results")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=0, help="override the stage's default number of steps")
@@ -190,7 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", help="measure the installed models and write figures and model cards")
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, *MODELS_V2])
+    p.add_argument("--taef2", default=None, help="a TAEF2 folder: measure the tiny-vae card's reference row")
+    p.add_argument("--attack-steps", type=int, default=None, help="override the encoder attack's 1000 steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--skip-lora", action="store_true")

@@ -45,6 +45,28 @@ UNET_CONFIG: dict[str, Any] = {
     "norm_num_groups": 16,
 }
 
+#: native image side of the embedded world v2 (the autoencoder ``tiny-vae``; the UNets follow it).
+RESOLUTION_V2 = 128
+#: spatial downsampling of ``tiny-vae``, Stable Diffusion's
+VAE_FACTOR = 8
+
+#: ``tiny-vae``: Stable Diffusion's autoencoder design (AutoencoderKL, four levels so 8x downsampling, a
+#: self-attention mid block) scaled down: 32-64-128-128 channels, one ResNet block per level; 8 latent channels
+#: (Stable Diffusion has 4; more channels reconstruct better at this size, as SD3's and FLUX's 16 do).
+#: 128 px images become 16 x 16 x 8 latents.
+AUTOENCODER_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [32, 64, 128, 128],
+    "layers_per_block": 1,
+    "latent_channels": 8,
+    "norm_num_groups": 16,
+    "sample_size": RESOLUTION_V2,
+    "mid_block_add_attention": True,
+}
+
 SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -89,6 +111,12 @@ def build_vae() -> Any:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(**VAE_CONFIG)
+
+
+def build_autoencoder() -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**AUTOENCODER_CONFIG)
 
 
 def build_unet(in_channels: int = 4) -> Any:

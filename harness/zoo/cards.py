@@ -37,10 +37,27 @@ _ABOUT = {
     "tiny-sd-inpaint": (
         "The inpainting variant of tiny-sd: the same VAE and text encoder, and a UNet with 9 input channels "
         "(4 noisy latents, 1 mask, 4 masked-image latents) initialised from tiny-sd's UNet and trained with "
-        "random rectangle, ellipse, stroke and full-image masks. Loads with `DiffusionPipeline.from_pretrained`, "
-        "or in the harness with `model=tiny-sd-inpaint`."
+        "random rectangle, ellipse, stroke and full-image masks. To keep the shipped weights small it stores no "
+        "copy of the VAE and text encoder: it borrows tiny-sd's (byte-identical). In the harness: "
+        "`model=tiny-sd-inpaint`; with diffusers: `DiffusionPipeline.from_pretrained(<this folder>, "
+        "vae=AutoencoderKL.from_pretrained(<tiny-sd>/vae), text_encoder=CLIPTextModel.from_pretrained("
+        "<tiny-sd>/text_encoder))`."
     ),
 }
+
+_ABOUT["tiny-vae"] = (
+    "The autoencoder of the embedded world v2: Stable Diffusion's design (diffusers `AutoencoderKL`, four levels, "
+    "so 8x downsampling, a self-attention mid block) scaled down to 32-64-128-128 channels with 8 latent "
+    "channels; 128 px images become 16 x 16 x 8 latents. Trained the way SD's was: L1 and a perceptual loss "
+    "(ST-LPIPS's anti-aliased VGG-16, ImageNet features: the only real LPIPS weights that install offline), a "
+    "KL weight of 1e-6, and a hinge-loss PatchGAN discriminator after a warm-up, with SD's adaptive weight.\n\n"
+    "**Data.** It is a general-purpose component, as SD's autoencoder is: it trained on the training split of "
+    "every artist (the held-out artists' too) and crops of the training photos; never on an image of the "
+    "evaluation split and never on a held-out photo (skimage astronaut, chelsea, coffee, rocket), which "
+    "evaluations, mimics and edits use. The UNets and the text encoder never see the held-out artists.\n\n"
+    "It becomes tiny-sd's and tiny-sd-inpaint's VAE when they are retrained at 128 px (issue 16); until then "
+    "the shipped pipelines keep their 64 px VAE. Loads with `AutoencoderKL.from_pretrained(<this folder>)`."
+)
 
 _TRAIN_KEYS = (
     "stage",
@@ -52,6 +69,7 @@ _TRAIN_KEYS = (
     "train_images",
     "latents_with_flips",
     "crop_px",
+    "image_px",
     "caption_dropout",
     "min_snr_gamma",
     "init",
@@ -109,7 +127,14 @@ def card(model: str) -> str:
     if not training:
         lines += ["(no training record: this folder was not produced by `python -m harness.zoo train`)", ""]
     lines += ["## Measured quality", ""]
-    if figures:
+    if figures and model == "tiny-vae":
+        lines += [
+            "Measured by `python -m harness.zoo evaluate --models tiny-vae` on the eval split (artworks no model "
+            "saw in training) and the held-out photos; the TAEF2 reference row by the same command with "
+            "`--taef2 DIR`.",
+            "",
+        ]
+    elif figures:
         lines += [
             "Measured by `python -m harness.zoo evaluate` on the eval split (images no model saw in "
             "training); style judgements by tiny-clip's zero-shot classifier over 13 artists "
@@ -145,8 +170,67 @@ def card(model: str) -> str:
         lines += _table(rows)
     else:
         lines.append("Not measured yet: run `python -m harness.zoo evaluate`.")
+    if model == "tiny-vae":
+        lines[lines.index("## Measured quality") + 2 : lines.index("## Measured quality") + 2] = _autoencoder_targets(
+            figures
+        )
     lines += ["", "## Files", "", f"fp16 safetensors, {_weights_mb(folder):.1f} MB in all.", ""]
     return "\n".join(lines)
+
+
+def _met(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("met" if ok else "**NOT met**")
+
+
+def _autoencoder_targets(figures: dict[str, Any]) -> list[str]:
+    """The world v2 autoencoder's targets (issue 16), each with its measured value and whether it is met."""
+    from harness.zoo.evaluate import AUTOENCODER_PSNR_TARGET_DB as PSNR
+    from harness.zoo.evaluate import NOISE_CLOSED_MAX
+
+    ev = figures.get("evaluation", {})
+    rec = ev.get("reconstruction", {})
+    sus = ev.get("susceptibility", {})
+    ref = figures.get("reference_taef2", {})
+    rows = ["| target | measured | |", "|---|---|---|"]
+    for group, what in (("held_out_artists", "artist"), ("held_out_photos", "photo")):
+        values = rec.get(group, {}).get(f"psnr_db_mean_per_{what}" if what == "artist" else "psnr_db_per_photo", {})
+        if values:
+            worst = min(values, key=values.get)
+            rows.append(
+                f"| reconstruction >= {PSNR:g} dB per held-out {what} ({rec.get('size_px')} px) | worst "
+                f"{worst} {values[worst]} dB; mean {rec[group]['psnr_db_mean']} dB | {_met(values[worst] >= PSNR)} |"
+            )
+        else:
+            rows.append(f"| reconstruction >= {PSNR:g} dB per held-out {what} | | {_met(None)} |")
+    ours = sus.get("attack_closed_squared")
+    theirs = ref.get("susceptibility", {}).get("attack_closed_squared")
+    ok = None if ours is None or theirs is None else ours >= theirs
+    rows.append(
+        "| the encoder attack closes at least TAEF2's share of the squared latent distance (held-out photos) | "
+        f"tiny-vae {ours if ours is not None else '-'}; TAEF2 {theirs if theirs is not None else 'not measured (--taef2)'}"
+        f" | {_met(ok)} |"
+    )
+    noise = sus.get("noise_closed_squared")
+    rows.append(
+        f"| uniform noise of the same budget closes <= {NOISE_CLOSED_MAX:.0%} | "
+        f"{noise if noise is not None else '-'} | {_met(None if noise is None else noise <= NOISE_CLOSED_MAX)} |"
+    )
+    rows += [
+        "| edit response (same-seed edit SSIM as the latent moves 0-100% to the target) | needs the 128 px UNet "
+        "| not measured |",
+        "| LoRA positive control >= 0.9 over 3 finetune seeds | needs the 128 px UNet | not measured |",
+        "| inpainting keeps the unmasked region >= 25 dB | needs the 128 px inpainting UNet | not measured |",
+    ]
+    attack = sus.get("attack")
+    notes = (
+        [
+            f"Attack: {attack}, on the held-out photos at {sus.get('size_px')} px; the share closed is "
+            "1 - d_after^2 / d_before^2 of the latent distance d to the target, per photo, averaged."
+        ]
+        if attack
+        else []
+    )
+    return ["### Targets", "", *rows, "", *notes, ""]
 
 
 def write_all() -> None:

@@ -82,9 +82,11 @@ def generate(
     return torch.cat(out)
 
 
-def eval_art(artists: Sequence[str], per_pair: int, seed: int = 0) -> tuple[ImageSet, list[str], list[str]]:
+def eval_art(
+    artists: Sequence[str], per_pair: int, seed: int = 0, size: int = 64
+) -> tuple[ImageSet, list[str], list[str]]:
     """Fresh artworks of ``artists`` with their artist and subject labels."""
-    art = ProceduralArt(artists=list(artists), per_pair=per_pair, seed=seed, split="eval").load()
+    art = ProceduralArt(artists=list(artists), per_pair=per_pair, seed=seed, split="eval", size=size).load()
     who = [i.split("/")[0] for i in art.ids]
     what = [i.split("/")[1] for i in art.ids]
     return art, who, what
@@ -149,6 +151,131 @@ def evaluate_vae(vae: Any, per_pair: int = 2) -> dict[str, Any]:
         if who is not None:  # which artists pull the mean down
             out[name]["psnr_db_mean_per_artist"] = _mean_per_artist(psnr.tolist(), who, 2)
     return out
+
+
+# --------------------------------------------------------------------------- tiny-vae (embedded world v2)
+
+#: targets of the world v2 autoencoder's card (issue 16): reconstruction per held-out artist and per held-out
+#: photo, and what uniform noise of the encoder attack's budget may close at most
+AUTOENCODER_PSNR_TARGET_DB = 25.0
+NOISE_CLOSED_MAX = 0.05
+#: the PhotoGuard encoder attack's config: its published budget and schedule are read from it
+PHOTOGUARD_ENCODER_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "defense" / "photoguard_encoder.yaml"
+
+
+def held_out_photos(size: int) -> ImageSet:
+    """The whole held-out photos (:data:`harness.data.HELD_OUT_PHOTOS`) at ``size`` px, resized and centre
+    cropped: the images edits are measured on, never seen by a model of the world in training."""
+    from harness.data import HELD_OUT_PHOTOS, SamplePhotos
+
+    return SamplePhotos(names=list(HELD_OUT_PHOTOS), size=size).load()
+
+
+def _reconstruct(vae: Any, x: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """Encode to the posterior mean and decode, [0, 1] in and out."""
+    rec = []
+    for i in range(0, x.shape[0], batch):
+        xb = x[i : i + batch].to(vae.device, vae.dtype) * 2 - 1
+        rec.append(((vae.decode(vae.encode(xb).latent_dist.mean).sample.float().cpu() + 1) / 2).clamp(0, 1))
+    return torch.cat(rec)
+
+
+@torch.no_grad()
+def evaluate_autoencoder(vae: Any, size: int = 128, per_pair: int = 2) -> dict[str, Any]:
+    """Reconstruction PSNR of ``tiny-vae`` at ``size`` px: per artist on fresh artworks (eval split) of the
+    training and the held-out artists, and per held-out photo (whole photos)."""
+    out: dict[str, Any] = {"size_px": size}
+    for group, artists in (("train_artists", TRAIN_ARTISTS), ("held_out_artists", HELD_OUT_ARTISTS)):
+        art, who, _ = eval_art(artists, per_pair, size=size)
+        psnr = _psnr(_reconstruct(vae, art.images), art.images)
+        out[group] = {
+            "psnr_db_mean": round(float(psnr.mean()), 2),
+            "psnr_db_min": round(float(psnr.min()), 2),
+            "images": len(art),
+            "psnr_db_mean_per_artist": _mean_per_artist(psnr.tolist(), who, 2),
+        }
+    photos = held_out_photos(size)
+    psnr = _psnr(_reconstruct(vae, photos.images), photos.images)
+    out["held_out_photos"] = {
+        "psnr_db_mean": round(float(psnr.mean()), 2),
+        "psnr_db_per_photo": {i: round(float(v), 2) for i, v in zip(photos.ids, psnr.tolist(), strict=True)},
+    }
+    return out
+
+
+def photoguard_encoder_settings(steps: int | None = None) -> Any:
+    """PGD settings of the PhotoGuard encoder attack, read from its config (published budget: L-inf 0.03 in
+    [0, 1] units, first step 0.01 decaying linearly to 1/100, 1000 steps, random start); ``steps`` overrides."""
+    from harness.pgd import PGDSettings
+
+    cfg = OmegaConf.load(PHOTOGUARD_ENCODER_CONFIG)
+    return PGDSettings(
+        eps=float(cfg.eps),
+        steps=int(cfg.steps if steps is None else steps),
+        step_size=float(cfg.step_size),
+        schedule=str(cfg.schedule),
+        final_step_fraction=float(cfg.final_step_fraction),
+        random_start=bool(cfg.random_start),
+        eval_samples=1,
+    )
+
+
+def encoder_susceptibility(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    images: ImageSet,
+    settings: Any,
+    seed: int = 0,
+    device: str = "cpu",
+    batch_size: int = 4,
+) -> dict[str, Any]:
+    """How far PhotoGuard's encoder attack moves an encoder's latent toward a grey image's, against uniform
+    noise of the same L-inf budget, on the same images with the same settings for any encoder.
+
+    ``encode`` maps [0, 1] images (N, 3, H, W) to latents. Per image, with ``d`` the latent distance to the
+    target: the share of the squared distance closed, ``1 - d_after^2 / d_before^2`` (the measure of the
+    embedded-world issue's table), and of the distance itself. Negative values: the latent moved away.
+    """
+    from harness.pgd import image_generators, run_pgd, uniform_noise
+    from harness.protocols import Context
+
+    x = images.images
+    h, w = images.size
+    with torch.no_grad():
+        target = encode(torch.full((1, 3, h, w), 0.5, device=device)).float()
+
+    def distance(batch: torch.Tensor, draws: Any = None) -> torch.Tensor:
+        return (encode(batch).float() - target).flatten(1).norm(dim=1)
+
+    ctx = Context(device=device, batch_size=batch_size)
+    result = run_pgd(x, images.ids, distance, settings, make_generator(seed), ctx, desc="encoder attack")
+    noise = uniform_noise(x, settings.eps, "linf", image_generators(derive_seed(seed, "noise"), images.ids, "noise"))
+    with torch.no_grad():
+        d0 = torch.cat([distance(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+        noisy = (x + noise).clamp(0, 1)
+        dn = torch.cat([distance(noisy[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+        da = torch.cat(
+            [distance(result.images[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
+        )
+    d0, dn, da = d0.double(), dn.double(), da.double()
+
+    def share(after: torch.Tensor, power: int) -> torch.Tensor:
+        return 1 - (after / d0) ** power
+
+    attack_sq, noise_sq = share(da, 2), share(dn, 2)
+    return {
+        "attack": f"PhotoGuard encoder attack toward a grey image's latent, L-inf {settings.eps:g}, {settings.steps} "
+        f"steps ({settings.schedule} step {settings.step_size:g} to x{settings.final_step_fraction:g}), "
+        f"random start {settings.random_start}",
+        "images": len(x),
+        "size_px": h,
+        "attack_closed_squared": round(float(attack_sq.mean()), 4),
+        "attack_closed_distance": round(float(share(da, 1).mean()), 4),
+        "noise_closed_squared": round(float(noise_sq.mean()), 4),
+        "noise_closed_distance": round(float(share(dn, 1).mean()), 4),
+        "attack_closed_squared_per_image": {i: round(float(v), 4) for i, v in zip(images.ids, attack_sq, strict=True)},
+        "realised_linf": round(float((result.images - x).abs().max()), 5),
+        "seconds": round(result.seconds, 1),
+    }
 
 
 def evaluate_text2img(

@@ -71,11 +71,18 @@ class WorldData:
 
 
 def world_data(
-    artists: tuple[str, ...], per_pair: int, crops_per_photo: int, seed: int, split: str = "train"
+    artists: tuple[str, ...],
+    per_pair: int,
+    crops_per_photo: int,
+    seed: int,
+    split: str = "train",
+    size: int = 64,
+    photos: tuple[str, ...] | None = None,
 ) -> WorldData:
-    """Render the artworks of ``artists`` (``per_pair`` per subject) and ``crops_per_photo`` crops per photo."""
-    art = ProceduralArt(artists=artists, per_pair=per_pair, seed=seed, split=split).load()
-    photos = WorldPhotos(crops_per_photo=crops_per_photo, seed=seed, split=split).load()
+    """Render the artworks of ``artists`` (``per_pair`` per subject) and ``crops_per_photo`` crops of each of
+    ``photos`` (None: every sample photo), at ``size`` px."""
+    art = ProceduralArt(artists=artists, per_pair=per_pair, seed=seed, split=split, size=size).load()
+    photos = WorldPhotos(crops_per_photo=crops_per_photo, seed=seed, split=split, size=size, names=photos).load()
     kind, who, what = [], [], []
     for image_id in art.ids:
         artist, subject, _ = image_id.split("/")
@@ -189,8 +196,9 @@ StepLoss = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 class Stage:
     """One training stage's loop state: what it optimises, its schedule and its checkpoint.
 
-    The checkpoint holds the modules of ``saved`` under their keys, the optimiser, the batch generator ``gen``,
-    the step and the seconds spent. After every optimiser step each (average, module) pair of ``emas`` is
+    The checkpoint holds the modules of ``saved`` under their keys, the optimiser (and each of ``side_opts``, a
+    discriminator's, under its key), the batch generator ``gen``, the step and the seconds spent; ``step`` is the
+    step being run. After every optimiser step each (average, module) pair of ``emas`` is
     updated, and ``after_step`` (if any) runs and returns more values to log. With ``clip_params`` the
     gradients are clipped to norm 1 first.
     """
@@ -203,12 +211,14 @@ class Stage:
     ckpt: Checkpoint
     saved: dict[str, torch.nn.Module]
     emas: tuple[tuple[EMA, torch.nn.Module], ...] = ()
+    side_opts: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
     clip_params: list[torch.nn.Parameter] | None = None
     after_step: Callable[[], dict[str, float]] | None = None
     warmup: int = 100
     save_every: int = 250
     log_every: int = 50
     start: int = 0
+    step: int = 0
     before: float = 0.0
     t0: float = field(default_factory=time.time)
     history: list[dict[str, float]] = field(default_factory=list)
@@ -219,6 +229,8 @@ class Stage:
             for key, module in self.saved.items():
                 module.load_state_dict(state[key])
             self.opt.load_state_dict(state["opt"])
+            for key, side in self.side_opts.items():
+                side.load_state_dict(state[key])
             self.gen.set_state(state["gen"])
             self.start = state["step"]
             self.before = float(state.get("elapsed", 0.0))
@@ -231,6 +243,7 @@ class Stage:
     def save(self, step: int) -> None:
         modules = {key: module.state_dict() for key, module in self.saved.items()}
         state = {"opt": self.opt.state_dict(), "gen": self.gen.get_state(), "step": step, "elapsed": self.seconds()}
+        state.update({key: side.state_dict() for key, side in self.side_opts.items()})
         self.ckpt.save({**modules, **state})
 
 
@@ -249,6 +262,7 @@ def _train(stage: Stage, batches: Iterator[torch.Tensor], step_loss: StepLoss) -
     progress = Progress(stage.name, stage.steps, every=stage.log_every)
     for step in range(stage.start, stage.steps):
         idx = next(batches)
+        stage.step = step
         for group in stage.opt.param_groups:
             group["lr"] = _lr(step, stage.steps, stage.lr, warmup=stage.warmup)
         loss, logged = step_loss(idx)
@@ -316,7 +330,7 @@ def _vae_loss(vae: Any, data: WorldData, gen: torch.Generator, dev: torch.device
 def _latent_scaling(vae: Any, data: WorldData, dev: torch.device) -> float:
     """1 / std of the posterior means of the first 512 training images, as Stable Diffusion sets it."""
     x = to_float(data.images[:512]) * 2 - 1
-    latents = torch.cat([vae.encode(x[i : i + 64].to(dev)).latent_dist.mean.cpu() for i in range(0, 512, 64)])
+    latents = torch.cat([vae.encode(x[i : i + 64].to(dev)).latent_dist.mean.cpu() for i in range(0, len(x), 64)])
     return float(1.0 / latents.std())
 
 
@@ -338,6 +352,185 @@ def train_vae(
     vae.register_to_config(scaling_factor=scaling)
     vae.save_pretrained(work / "vae")
     return _write_record(work, stage, seed, batch, dev, crop_px=32, train_images=len(data), scaling_factor=scaling)
+
+
+# ------------------------------------------------------------------------------------- tiny-vae (world v2)
+
+
+class PatchDiscriminator(torch.nn.Module):
+    """The PatchGAN discriminator of pix2pix (Isola et al. 2017) that Stable Diffusion's autoencoder was trained
+    against (Esser et al. 2021; Rombach et al. 2022): strided 4x4 convolutions with batch norm and leaky ReLU,
+    one logit per overlapping patch. ``layers`` strided stages (SD: 3; here 2, for 64 px crops)."""
+
+    def __init__(self, width: int = 32, layers: int = 2) -> None:
+        super().__init__()
+        nn = torch.nn
+        mods: list[torch.nn.Module] = [nn.Conv2d(3, width, 4, 2, 1), nn.LeakyReLU(0.2)]
+        ch = width
+        for i in range(1, layers + 1):
+            out = width * min(2**i, 8)
+            stride = 2 if i < layers else 1
+            mods += [nn.Conv2d(ch, out, 4, stride, 1, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(0.2)]
+            ch = out
+        mods.append(nn.Conv2d(ch, 1, 4, 1, 1))
+        self.net = nn.Sequential(*mods)
+        for m in self.modules():  # DCGAN initialisation, as pix2pix
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@dataclass
+class AutoencoderRecipe:
+    """Loss weights and schedule of ``tiny-vae``: Stable Diffusion's autoencoder recipe (L1 + LPIPS
+    reconstruction, a KL weight of 1e-6 against per-pixel sums, a hinge-loss PatchGAN that starts halfway with
+    SD's adaptive weight times 0.5; Adam with betas 0.5, 0.9), with ST-LPIPS's VGG as the perceptual network (ImageNet features, the only real LPIPS
+    weights that install offline). The adaptive weight is recomputed every ``adaptive_every`` steps and held in
+    between (SD recomputes it every step; each computation costs one more backward pass through the VGG)."""
+
+    crop: int = 64
+    perceptual_weight: float = 1.0
+    kl_weight: float = 1e-6
+    disc_start: int = 3000
+    disc_weight: float = 0.5
+    adaptive_every: int = 20
+    disc_lr: float = 2e-4
+
+
+def _autoencoder_loss(
+    vae: Any,
+    disc: PatchDiscriminator,
+    disc_opt: torch.optim.Optimizer,
+    data: WorldData,
+    gen: torch.Generator,
+    dev: torch.device,
+    recipe: AutoencoderRecipe,
+    stage_step: Callable[[], int],
+) -> tuple[StepLoss, Callable[[], dict[str, float]]]:
+    """The generator's step loss and the discriminator's update (run after each generator step)."""
+    from harness.metrics.perceptual import load_stlpips_vgg, stlpips_distance
+
+    vgg = load_stlpips_vgg().to(dev)
+    last_layer = vae.decoder.conv_out.weight
+    state: dict[str, Any] = {"adaptive": 0.0}
+
+    def step_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        x = to_float(data.images[idx])
+        side = x.shape[-1] - recipe.crop
+        oy, ox = torch.randint(0, side + 1, (2,), generator=gen).tolist()
+        x = x[:, :, oy : oy + recipe.crop, ox : ox + recipe.crop]
+        if torch.rand((), generator=gen) < 0.5:
+            x = x.flip(-1)
+        x = (x * 2 - 1).to(dev)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(dev)
+        rec = vae.decode(z).sample
+        l1 = (rec - x).abs().mean()
+        lp = stlpips_distance(vgg, (rec.clamp(-1, 1) + 1) / 2, (x + 1) / 2).float().mean()
+        nll = l1 + recipe.perceptual_weight * lp
+        kl = post.kl().mean()
+        # SD sums L1 and LPIPS over pixels and KL over latent elements; with pixel means here, the KL term is
+        # divided by the pixels per image so that the balance between the terms is SD's
+        loss = nll + recipe.kl_weight * kl / x[0].numel()
+        step = stage_step()
+        logged = {"l1": l1.item(), "stlpips": lp.item(), "kl": kl.item(), "psnr_db": _psnr_pm1(rec, x)}
+        if step >= recipe.disc_start:
+            g = -disc(rec).mean()
+            if (step - recipe.disc_start) % recipe.adaptive_every == 0:
+                gn = torch.autograd.grad(nll, last_layer, retain_graph=True)[0].norm()
+                gg = torch.autograd.grad(g, last_layer, retain_graph=True)[0].norm()
+                state["adaptive"] = float((gn / (gg + 1e-4)).clamp(0, 1e4)) * recipe.disc_weight
+            loss = loss + state["adaptive"] * g
+            logged.update(g_loss=g.item(), adaptive=state["adaptive"])
+        state["pair"] = (x.detach(), rec.detach())
+        return loss, logged
+
+    def disc_step() -> dict[str, float]:
+        if stage_step() < recipe.disc_start or "pair" not in state:
+            return {}
+        x, rec = state.pop("pair")
+        d_loss = 0.5 * (F.relu(1 - disc(x)).mean() + F.relu(1 + disc(rec)).mean())  # hinge loss
+        disc_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        disc_opt.step()
+        return {"d_loss": d_loss.item()}
+
+    return step_loss, disc_step
+
+
+def _psnr_pm1(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2), over the whole batch."""
+    mse = F.mse_loss(a.detach().clamp(-1, 1), b).item()
+    return 10 * math.log10(4.0 / max(mse, 1e-10))
+
+
+def train_autoencoder(
+    work: Path,
+    seed: int = 0,
+    steps: int = 6000,
+    batch: int = 8,
+    lr: float = 2e-4,
+    device: str = "cpu",
+    recipe: AutoencoderRecipe | None = None,
+) -> dict[str, Any]:
+    """Train ``tiny-vae``, the embedded world v2's autoencoder, on random 64 px crops of 128 px images.
+
+    Data (a general-purpose autoencoder, as SD's is): the training split of *every* artist, held-out ones
+    included, and crops of the training photos (:data:`harness.data.TRAIN_PHOTOS`); never an image of the
+    evaluation split nor a held-out photo, which evaluations, mimics and edits use. Writes ``work/tiny-vae``
+    and returns the training record (also ``work/tiny-vae_record.json``).
+    """
+    from harness.data import TRAIN_PHOTOS
+
+    recipe = recipe or AutoencoderRecipe()
+    dev = torch.device(device)
+    torch.manual_seed(derive_seed(seed, "zoo/tiny-vae/init"))
+    vae = arch.build_autoencoder().to(dev)
+    disc = PatchDiscriminator().to(dev)
+    opt = torch.optim.Adam(vae.parameters(), lr=lr, betas=(0.5, 0.9))
+    disc_opt = torch.optim.Adam(disc.parameters(), lr=recipe.disc_lr, betas=(0.5, 0.9))
+    stage = _stage(
+        "tiny-vae",
+        work,
+        seed,
+        steps,
+        lr,
+        opt,
+        {"model": vae, "disc": disc},
+        side_opts={"disc_opt": disc_opt},
+        clip_params=list(vae.parameters()),
+        save_every=100,
+        log_every=25,
+    )
+    data = world_data(ARTISTS, per_pair=16, crops_per_photo=60, seed=seed, size=arch.RESOLUTION_V2, photos=TRAIN_PHOTOS)
+    stage.t0 = time.time()
+    vae.train()
+    disc.train()
+    step_loss, disc_step = _autoencoder_loss(vae, disc, disc_opt, data, stage.gen, dev, recipe, lambda: stage.step)
+    stage.after_step = disc_step
+    _train(stage, _batches(len(data), batch, stage.gen), step_loss)
+    vae.eval()
+    scaling = _latent_scaling(vae, data, dev)
+    vae.register_to_config(scaling_factor=scaling)
+    vae.save_pretrained(work / "tiny-vae")
+    return _write_record(
+        work,
+        stage,
+        seed,
+        batch,
+        dev,
+        crop_px=recipe.crop,
+        image_px=arch.RESOLUTION_V2,
+        train_images=len(data),
+        train_photos=list(TRAIN_PHOTOS),
+        scaling_factor=scaling,
+        recipe=recipe.__dict__,
+    )
 
 
 # ------------------------------------------------------------------------------------------------- CLIP

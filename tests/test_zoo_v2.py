@@ -1,0 +1,164 @@
+"""The embedded world v2 (issue 16): the autoencoder's training and install, its card's measurements (the
+encoder attack's reach on a case with a known answer, the TAEF2 reference), the held-out photos, and the
+components a shipped pipeline borrows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness.types import ImageSet
+
+ZOO = Path(__file__).resolve().parent.parent / "harness" / "zoo"
+TAEF2 = Path(__file__).resolve().parents[2] / "shared" / "assets" / "taef2"
+
+
+def test_held_out_photos_are_whole_photos_no_training_crop_comes_from():
+    from harness.data import HELD_OUT_PHOTOS, SAMPLE_PHOTOS, TRAIN_PHOTOS
+    from harness.zoo.evaluate import held_out_photos
+
+    assert set(HELD_OUT_PHOTOS).isdisjoint(TRAIN_PHOTOS)
+    assert set(HELD_OUT_PHOTOS) | set(TRAIN_PHOTOS) == set(SAMPLE_PHOTOS)
+    photos = held_out_photos(32)
+    assert list(photos.ids) == list(HELD_OUT_PHOTOS) and photos.images.shape == (len(HELD_OUT_PHOTOS), 3, 32, 32)
+
+
+def _patch_mean_encoder(x: torch.Tensor) -> torch.Tensor:
+    """A linear 'encoder': the mean of each 8 x 8 patch per channel, so the attack's optimum is known."""
+    return F.avg_pool2d(x, 8)
+
+
+def test_encoder_susceptibility_reaches_the_hand_computed_optimum_and_noise_does_not():
+    """Patches at distance a = 0.3 from grey, budget eps = 0.03: every pixel can move eps toward grey, so the
+    latent distance shrinks by the factor 1 - eps / a exactly; uniform noise averages out over a patch."""
+    from harness.pgd import PGDSettings
+    from harness.zoo.evaluate import encoder_susceptibility
+
+    g = torch.Generator().manual_seed(0)
+    signs = torch.where(torch.rand(3, 3, 4, 4, generator=g) < 0.5, -1.0, 1.0)
+    x = (0.5 + 0.3 * signs).repeat_interleave(8, -1).repeat_interleave(8, -2)  # (3, 3, 32, 32) in {0.2, 0.8}
+    images = ImageSet(images=x, ids=["a", "b", "c"], captions=[""] * 3)
+    settings = PGDSettings(eps=0.03, steps=10, step_size=0.01, random_start=True, eval_samples=1)
+    out = encoder_susceptibility(_patch_mean_encoder, images, settings)
+    expected_distance = 0.03 / 0.3
+    assert out["attack_closed_distance"] == pytest.approx(expected_distance, abs=1e-4)
+    assert out["attack_closed_squared"] == pytest.approx(1 - (1 - expected_distance) ** 2, abs=1e-4)
+    assert abs(out["noise_closed_squared"]) < 0.01 and out["realised_linf"] <= 0.03 + 1e-6
+    # a wrong attack cannot pass: with no steps and no random start nothing moves
+    still = encoder_susceptibility(
+        _patch_mean_encoder, images, PGDSettings(eps=0.03, steps=0, step_size=0.01, random_start=False)
+    )
+    assert still["attack_closed_squared"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_photoguard_encoder_settings_are_the_defense_config():
+    from omegaconf import OmegaConf
+
+    from harness.zoo.evaluate import PHOTOGUARD_ENCODER_CONFIG, photoguard_encoder_settings
+
+    cfg = OmegaConf.load(PHOTOGUARD_ENCODER_CONFIG)
+    s = photoguard_encoder_settings()
+    assert (s.eps, s.steps, s.step_size, s.schedule) == (cfg.eps, cfg.steps, cfg.step_size, cfg.schedule)
+    assert photoguard_encoder_settings(steps=5).steps == 5
+
+
+@pytest.mark.skipif(not TAEF2.is_dir(), reason="needs ../shared/assets/taef2 (a reference for tests only)")
+def test_taef2_reference_reconstructs_the_held_out_photos():
+    from harness.zoo.evaluate import _psnr, held_out_photos
+    from harness.zoo.reference import load_taef2
+
+    model = load_taef2(TAEF2)
+    photos = held_out_photos(64)
+    with torch.no_grad():
+        z = model.encode(photos.images)
+        rec = model.decode(z)
+    assert z.shape == (len(photos), 32, 8, 8)
+    assert float(_psnr(rec, photos.images).mean()) > 20.0  # a real autoencoder, not a random network
+
+
+def test_taef2_reference_names_a_missing_or_wrong_file(tmp_path):
+    from harness.errors import ModelNotFoundError
+    from harness.zoo.reference import load_taef2
+
+    with pytest.raises(ModelNotFoundError, match="taef2_encoder.pth does not exist"):
+        load_taef2(tmp_path)
+    torch.save({"nothing": torch.zeros(1)}, tmp_path / "taef2_encoder.pth")
+    with pytest.raises(ModelNotFoundError, match="is not a TAEF2 weight file"):
+        load_taef2(tmp_path)
+
+
+@pytest.fixture()
+def toy_world(monkeypatch):
+    import harness.zoo.train as train
+
+    original = train.world_data
+
+    def small(artists, per_pair, crops_per_photo, seed, split="train", size=64, photos=None):
+        return original(tuple(artists)[:2], 1, 1, seed, split, size, (photos or ("skimage/camera",))[:1])
+
+    monkeypatch.setattr(train, "world_data", small)
+    return train
+
+
+def test_autoencoder_trains_with_its_discriminator_resumes_and_installs(toy_world, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from harness.zoo.__main__ import install_autoencoder
+
+    train = toy_world
+    work = tmp_path / "work"
+    recipe = train.AutoencoderRecipe(disc_start=1, adaptive_every=1)
+    rec = train.train_autoencoder(work, steps=2, batch=2, recipe=recipe)
+    state = torch.load(work / "tiny-vae.ckpt", weights_only=False)
+    assert state["step"] == 2 and "disc" in state and "disc_opt" in state
+    assert "d_loss" in rec["history"][-1] and rec["history"][-1]["adaptive"] >= 0
+    rec = train.train_autoencoder(work, steps=3, batch=2, recipe=recipe)  # resumes at step 2
+    assert rec["resumed_from_step"] == 2 and rec["history"][-1]["step"] == 3
+    assert rec["image_px"] == 128 and rec["train_photos"]
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    dest = install_autoencoder(work, zoo=zoo)
+    from safetensors import safe_open
+
+    with safe_open(str(dest / "diffusion_pytorch_model.safetensors"), "pt") as st:
+        assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"F16"}
+    vae = AutoencoderKL.from_pretrained(dest)
+    assert vae.config.latent_channels == 8
+    assert vae.config.scaling_factor == pytest.approx(rec["scaling_factor"])
+    with torch.no_grad():
+        z = vae.float().encode(torch.zeros(1, 3, 128, 128)).latent_dist.mean
+    assert z.shape == (1, 8, 16, 16)  # 8x downsampling
+    assert json.loads((dest / "training.json").read_text())[0]["stage"] == "tiny-vae"
+
+
+def test_borrowed_components_count_in_the_digest_and_load():
+    from harness.models import SHIPPED_BORROWED, ModelSpec, load_pipeline, shipped_weight_files
+
+    files = shipped_weight_files("tiny-sd-inpaint")
+    for component, (owner, sub) in SHIPPED_BORROWED["tiny-sd-inpaint"].items():
+        assert not (ZOO / "tiny-sd-inpaint" / component).exists()  # no second copy is shipped
+        borrowed = [k for k in files if k.startswith(component + "/")]
+        assert borrowed and all(files[k].is_relative_to(ZOO / owner / sub) for k in borrowed)
+    pipe = load_pipeline(ModelSpec(source="tiny-sd-inpaint", resolution=64), "inpaint")
+    lender = load_pipeline(ModelSpec(source="tiny-sd", resolution=64), "text2img")
+    for a, b in zip(pipe.vae.state_dict().values(), lender.vae.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_drop_borrowed_refuses_a_component_that_differs(tmp_path):
+    from harness.zoo.__main__ import drop_borrowed
+
+    for name in ("tiny-sd", "tiny-sd-inpaint"):
+        for sub in ("vae", "text_encoder"):
+            (tmp_path / name / sub).mkdir(parents=True)
+            (tmp_path / name / sub / "w.safetensors").write_bytes(b"same")
+    drop_borrowed(tmp_path / "tiny-sd-inpaint", "tiny-sd-inpaint")
+    assert not (tmp_path / "tiny-sd-inpaint" / "vae").exists()
+    (tmp_path / "tiny-sd-inpaint" / "vae").mkdir()
+    (tmp_path / "tiny-sd-inpaint" / "vae" / "w.safetensors").write_bytes(b"other")
+    with pytest.raises(SystemExit, match="differs"):
+        drop_borrowed(tmp_path / "tiny-sd-inpaint", "tiny-sd-inpaint")
