@@ -37,7 +37,7 @@ from harness.cache import ArtifactStore, atomic_write_bytes, atomic_write_text, 
 from harness.errors import ConfigError, HarnessError
 from harness.report import html_page, safe_filename, save_grid
 from harness.run import compose_config, run_from_config
-from harness.summary import defense_objectives, load_rows
+from harness.summary import defense_objectives, load_rows, sizes_line
 from harness.threat_models import threat_model, threat_models
 from harness.types import NORMS, Budget
 from harness.verdict import (
@@ -485,6 +485,8 @@ def _budget_used_section(rep: _AuditReport) -> list[str]:
         f"mean L2 {b.get('l2_mean', float('nan')):.3f}, PSNR {b.get('psnr_mean', float('nan')):.2f} dB, "
         f"SSIM {b.get('ssim_mean', float('nan')):.4f} (protected vs clean).",
     ]
+    if (sizes := sizes_line(rep.rows)) is not None:
+        lines.append(sizes)
     noise_rows = [r for r in rep.rows if r.get("control", {}).get("kind") == "noise"]
     if noise_rows:
         eps = sorted({round(255 * r["control"]["eps"], 2) for r in noise_rows})

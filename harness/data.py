@@ -51,6 +51,7 @@ __all__ = [
     "ImageFolder",
     "SamplePhotos",
     "load_image_file",
+    "native_side",
     "load_images_as_set",
     "pil_to_tensor",
     "resize_center_crop",
@@ -60,6 +61,8 @@ __all__ = [
 SIDECARS: tuple[str, ...] = ("metadata.csv", "captions.jsonl")
 
 MIN_SIZE, MAX_SIZE = 8, 4096
+#: ``dataset.size`` value that keeps the images' own resolution (see :class:`ImageFolder`)
+NATIVE = "native"
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -282,7 +285,10 @@ class ImageFolder:
 
     Args:
         path: the folder.
-        size: output side in pixels, in [8, 4096]; images are resized and centre cropped to it.
+        size: output side in pixels, in [8, 4096]; images are resized and centre cropped to it. ``"native"``:
+            the images keep their own resolution: the side is the smallest shorter side among the files (read
+            from their headers), so no image is upscaled and a folder of equal-sized images is only centre
+            cropped. Model-based stages then resize to their model's resolution (see :mod:`harness.pipeline`).
         allow_upscale: accept images whose shorter side is below ``size``.
         default_caption: caption of images that the sidecar does not list (or all, without a sidecar).
         limit: keep only the first ``limit`` images after sorting (only those are decoded).
@@ -306,7 +312,11 @@ class ImageFolder:
         if not isinstance(default_caption, str):
             raise ConfigError(f"dataset.default_caption must be a string, got {default_caption!r}")
         self.path = str(path)
-        self.size = _check_size(size)
+        if isinstance(size, str) and size != NATIVE:
+            raise ConfigError(
+                f"dataset.size must be an integer in [{MIN_SIZE}, {MAX_SIZE}] or {NATIVE!r}, got {size!r}"
+            )
+        self.size: int | str = NATIVE if size == NATIVE else _check_size(size)
         self.allow_upscale = _check_bool("dataset.allow_upscale", allow_upscale)
         self.default_caption = default_caption
         self.limit = _check_limit(limit)
@@ -381,13 +391,35 @@ class ImageFolder:
         captions = self._captions(root, files)
         if self.limit is not None:
             files = files[: self.limit]
+        paths = [root / rel for rel in files]
+        size = native_side(paths) if self.size == NATIVE else self.size
         return load_images_as_set(
-            [root / rel for rel in files],
+            paths,
             [posixpath.splitext(rel)[0] for rel in files],
             [captions.get(rel, self.default_caption) for rel in files],
-            self.size,
+            size,
             self.allow_upscale,
         )
+
+
+def native_side(paths: Sequence[str | os.PathLike[str]]) -> int:
+    """The side at which ``dataset.size=native`` loads ``paths``: the smallest shorter side among the images
+    (from their headers, after EXIF orientation, which does not change the shorter side), at most 4096 px.
+
+    Raises:
+        DataError: a file is not a readable image (the message names it), or an image is under 8 px.
+    """
+    sides = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                sides.append((min(img.size), str(path)))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(f"{path}: not a readable image ({e}); remove it or convert it") from e
+    side, smallest = min(sides)
+    if side < MIN_SIZE:
+        raise DataError(f"{smallest} is {side} px on its shorter side, below the {MIN_SIZE} px dataset.size allows")
+    return min(side, MAX_SIZE)
 
 
 # ------------------------------------------------------------------------------------------ sample photos

@@ -29,7 +29,7 @@ import pandas as pd
 
 from harness.cache import ArtifactStore, atomic_write_text, load_imageset
 from harness.report import html_page, safe_filename, save_grid
-from harness.summary import BEST_OF, summarize
+from harness.summary import BEST_OF, sizes_line, summarize
 from harness.verdict import binary_metrics, controls_from_rows, fmt_interval, judge, method_note, verdict_settings
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,7 @@ def _header(ex: _Experiment) -> list[str]:
         "Arrows: the attacker's better direction. Each protection has its own controls: the clean images "
         "(positive control), the floor and uniform noise at its realised L-inf budget (see Method).",
         "",
+        *([sizes, ""] if (sizes := sizes_line(rows)) is not None else []),
     ]
 
 

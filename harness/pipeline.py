@@ -3,6 +3,13 @@
 Every stage's key chains its parents' keys (see :mod:`harness.cache`), so a re-run finds every finished
 stage in the store and computes only what is missing, and a killed sweep resumes where it stopped.
 
+Sizes: the data stage loads the images at ``dataset.size`` (a user's folder may keep its own resolution,
+``dataset.size=native``). A component that uses the experiment's model (``uses_model``) sees the images at the
+model's resolution (antialiased bicubic resize, :func:`for_component`) and returns them at that size; a
+model-free one (JPEG, noise, an external tool's files) runs at the images' own size. Comparisons between two
+stages (the budget, the purifier's distance, the references of the measures) bring the clean images to the
+size of the other side. Each run records the side at which every stage ran (``RunResult.sizes``).
+
 The mimic's threat model (:mod:`harness.threat_models`) says what its outputs are compared with: for editing the
 mimic also runs on the clean images (same config, same seed), and success of the attacker means the edit of the
 purified protected image looks like the edit of the clean image; for mimicry the generations are compared
@@ -86,7 +93,11 @@ class StageRecord:
 
 @dataclass
 class RunResult:
+    """What a run measured. ``sizes``: the side in pixels of the images each stage produced (``data``,
+    ``protect``, ``purify``, ``mimic``); a model-based stage ran at its model's resolution."""
+
     stages: dict[str, StageRecord]
+    sizes: dict[str, int]
     per_image: dict[str, list[float]]
     image_ids: list[str]
     higher_is_better: dict[str, bool]
@@ -142,6 +153,19 @@ def _model_vae(ctx: Context) -> Any:
     return None
 
 
+def for_component(component: Any, images: ImageSet, ctx: Context) -> ImageSet:
+    """``images`` as ``component`` gets them: at the model's resolution if it uses the experiment's model and
+    the images are of another size, else unchanged."""
+    model = ctx.model
+    if not getattr(component, "uses_model", False) or model is None or not getattr(model, "resolution", None):
+        return images
+    return images.resized(int(model.resolution))
+
+
+def _side(images: ImageSet) -> int:
+    return images.size[0]
+
+
 def _check_same_layout(stage: str, before: ImageSet, after: ImageSet) -> None:
     if after.ids != before.ids or after.captions != before.captions:
         raise RuntimeError(f"{stage}: the component changed the image ids or captions")
@@ -192,8 +216,9 @@ def _protect_stage(
     k_protect = _protect_key(exp, k_data)
 
     def do_protect() -> tuple[ImageSet, dict[str, Any]]:
-        out = exp.defense.protect(clean, make_generator(s_protect), ctx)
-        _check_same_layout("protect", clean, out.images)
+        given = for_component(exp.defense, clean, ctx)
+        out = exp.defense.protect(given, make_generator(s_protect), ctx)
+        _check_same_layout("protect", given, out.images)
         return out.images, {"info": dict(out.info)}
 
     return _stage_images(store, "protect", k_protect, s_protect, exp.defense.name, do_protect)
@@ -205,7 +230,7 @@ def realised_linf(exp: Experiment, store: ArtifactStore, ctx: Context) -> float:
     store) the data and protect stages only."""
     clean, rec = _data_stage(exp, store)
     protected, _ = _protect_stage(exp, store, ctx, clean, rec.key)
-    return float((protected.images - clean.images).abs().amax()) if len(clean) else 0.0
+    return float((protected.images - clean.resized(_side(protected)).images).abs().amax()) if len(clean) else 0.0
 
 
 @dataclass
@@ -291,8 +316,9 @@ class PurifyStage(Stage):
         k_purify = self.key(s)
 
         def do_purify() -> tuple[ImageSet, dict[str, Any]]:
-            out = exp.purifier.purify(protected, make_generator(s_purify), s.ctx)
-            _check_same_layout("purify", protected, out.images)
+            given = for_component(exp.purifier, protected, s.ctx)
+            out = exp.purifier.purify(given, make_generator(s_purify), s.ctx)
+            _check_same_layout("purify", given, out.images)
             return out.images, {"params": dict(out.params), "randomized": bool(exp.purifier.randomized)}
 
         s.images["purified"], s.records["purify"] = _stage_images(
@@ -308,13 +334,15 @@ class BudgetStage(Stage):
         clean, protected, purified = s.images["clean"], s.images["protected"], s.images["purified"]
         for name, metric in budget_metrics().items():
             pairs = [("budget", protected)] + ([("purified", purified)] if name in ("psnr", "ssim") else [])
-            for prefix, images in pairs:
-                s.per_image[f"{prefix}/{name}"] = metric(images, clean).tolist()
+            for prefix, images in pairs:  # at the size of the stage's images
+                s.per_image[f"{prefix}/{name}"] = metric(images, clean.resized(_side(images))).tolist()
                 s.higher[f"{prefix}/{name}"] = metric.higher_is_better
         vae = _model_vae(s.ctx) if s.exp.model is not None else None
         if vae is None:
             return
         latent = LatentDistance(vae, s.ctx.batch_size)
+        side = int(s.exp.model.resolution) if getattr(s.exp.model, "resolution", None) else _side(clean)
+        clean, protected, purified = (x.resized(side) for x in (clean, protected, purified))
         before, after = latent(protected, clean), latent(purified, clean)
         s.per_image["budget/latent_l2"], s.per_image["purified/latent_l2"] = before.tolist(), after.tolist()
         # 1: the purifier left the protection's latent shift as it was; 0: it removed it; nan without a shift
@@ -343,10 +371,10 @@ class MimicStage(Stage):
     def run(self, s: RunState) -> None:
         exp, seed = s.exp, s.mimic_seed()
         if exp.control == "floor":  # the attacker with nothing useful: no finetune, or another seed's edit
-            clean, label = s.images["clean"], f"{exp.mimic.name} (floor)"
+            clean, label = for_component(exp.mimic, s.images["clean"], s.ctx), f"{exp.mimic.name} (floor)"
             attack = lambda: (exp.mimic.floor(clean, make_generator(seed), s.ctx), {})  # noqa: E731
         else:
-            purified, label = s.images["purified"], exp.mimic.name
+            purified, label = for_component(exp.mimic, s.images["purified"], s.ctx), exp.mimic.name
             attack = lambda: (exp.mimic.run(purified, make_generator(seed), s.ctx), {})  # noqa: E731
         s.images["outputs"], s.records["mimic"] = _stage_images(s.store, "mimic", self.key(s), seed, label, attack)
 
@@ -367,10 +395,10 @@ class ReferenceStage(Stage):
         return stage_key("mimic", data, s.mimic_config(), s.exp.mimic.version, s.mimic_seed())
 
     def run(self, s: RunState) -> None:
-        exp, clean = s.exp, s.images["clean"]
+        exp, clean = s.exp, for_component(s.exp.mimic, s.images["clean"], s.ctx)
         k_ref = self.key(s)
-        if k_ref is None:
-            s.images["references"] = clean
+        if k_ref is None:  # the clean images, at the size of the outputs they are compared with
+            s.images["references"] = s.images["clean"].resized(_side(s.images["outputs"]))
             return
         seed = s.mimic_seed()
         s.images["references"], s.records["mimic_clean"] = _stage_images(
@@ -452,7 +480,7 @@ class MeasureStage(Stage):
     @staticmethod
     def measure(s: RunState) -> dict[str, Any]:
         outputs, references = s.images["outputs"], s.images["references"]
-        set_references = s.images.get("set_references", references)
+        set_references = s.images.get("set_references", references).resized(_side(outputs))
         measured: dict[str, Any] = {"per_image": {}, "higher_is_better": {}, "per_set": {}}
         for name, metric in s.exp.metrics.items():
             key = s.threat_model.result_key(name)
@@ -463,6 +491,9 @@ class MeasureStage(Stage):
             measured["higher_is_better"][key] = metric.higher_is_better
         return measured
 
+
+#: (stage, the images it made) whose side ``RunResult.sizes`` records
+_SIZED = (("data", "clean"), ("protect", "protected"), ("purify", "purified"), ("mimic", "outputs"))
 
 #: the stages of a run, in order
 STAGE_SEQUENCE: tuple[Stage, ...] = (
@@ -499,6 +530,7 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
             stage.run(s)
     return RunResult(
         stages=s.records,
+        sizes={name: _side(s.images[image]) for name, image in _SIZED if image in s.images},
         per_image=s.per_image,
         image_ids=list(s.images["clean"].ids),
         higher_is_better=s.higher,

@@ -246,6 +246,8 @@ def make_row(cfg: DictConfig, exp: Experiment, result: RunResult, labels: dict[s
         "seed": exp.seed,
         "seeds": {s: r.seed for s, r in result.stages.items() if r.seed is not None},
         "stage_keys": result.stage_keys,
+        # the side in pixels of each stage's images (model-based stages run at the model's resolution)
+        "sizes": result.sizes,
         "stages": {
             s: {"cached": r.cached, "seconds": round(r.seconds, 4), "compute_seconds": round(r.compute_seconds, 4)}
             for s, r in result.stages.items()

@@ -32,6 +32,8 @@ from harness.verdict import (
 )
 
 __all__ = [
+    "SIZED_STAGES",
+    "sizes_line",
     "load_rows",
     "summarize",
     "defense_objectives",
@@ -258,6 +260,37 @@ def _plain_markdown(table: pd.DataFrame, note: str) -> str:
     for _, r in table.iterrows():
         lines.append("| " + " | ".join(fmt_number(v) if isinstance(v, float) else str(v) for v in r.tolist()) + " |")
     return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+#: the stages whose image side a row records (``row["sizes"]``), in pipeline order
+SIZED_STAGES = ("data", "protect", "purify", "mimic")
+
+
+def sizes_line(rows: list[dict[str, Any]]) -> str | None:
+    """The side in pixels at which each stage ran, over ``rows`` (None when no row records it: rows written
+    before sizes were recorded). A stage whose side differs between components lists each component's, e.g.
+    ``purify 512 px (jpeg, noisy_upscale), 64 px (diffpure)``."""
+    recorded = [r for r in rows if r.get("sizes")]
+    if not recorded:
+        return None
+    parts = []
+    for stage in SIZED_STAGES:
+        label = {"protect": "defense", "purify": "purifier"}.get(stage, stage)
+        by_side: dict[int, set[str]] = {}
+        for r in recorded:
+            if stage in r["sizes"]:
+                by_side.setdefault(int(r["sizes"][stage]), set()).add(str(r.get("labels", {}).get(label, "?")))
+        if len(by_side) == 1:
+            parts.append(f"{stage} {next(iter(by_side))} px")
+        elif by_side:
+            parts.append(
+                f"{stage} "
+                + ", ".join(f"{side} px ({', '.join(sorted(names))})" for side, names in sorted(by_side.items()))
+            )
+    return (
+        "Image sizes: " + "; ".join(parts) + " (a stage that uses the model runs at the model's resolution; the "
+        "others at the images' own size)."
+    )
 
 
 def write_summary(results_dir: str | Path, rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, dict[str, bool]]:

@@ -74,6 +74,16 @@ class ImageSet:
         images = images.detach().to("cpu", torch.float32).clamp(0, 1)
         return ImageSet(images, self.ids, self.captions)
 
+    def resized(self, side: int) -> ImageSet:
+        """The images at ``side`` x ``side`` (antialiased bicubic, clamped to [0, 1]); the same set when they are
+        already that size."""
+        if self.size == (side, side) or len(self) == 0:
+            return self
+        import torch.nn.functional as F
+
+        out = F.interpolate(self.images, size=(side, side), mode="bicubic", antialias=True, align_corners=False)
+        return self.with_images(out)
+
     def with_captions(self, captions: Sequence[str]) -> ImageSet:
         return ImageSet(self.images, self.ids, tuple(captions))
 
