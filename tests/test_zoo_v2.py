@@ -127,11 +127,11 @@ def test_autoencoder_trains_with_its_discriminator_resumes_and_installs(toy_worl
     with safe_open(str(dest / "diffusion_pytorch_model.safetensors"), "pt") as st:
         assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"F16"}
     vae = AutoencoderKL.from_pretrained(dest)
-    assert vae.config.latent_channels == 8
+    assert vae.config.latent_channels == 16
     assert vae.config.scaling_factor == pytest.approx(rec["scaling_factor"])
     with torch.no_grad():
         z = vae.float().encode(torch.zeros(1, 3, 128, 128)).latent_dist.mean
-    assert z.shape == (1, 8, 16, 16)  # 8x downsampling
+    assert z.shape == (1, 16, 16, 16)  # 8x downsampling
     assert json.loads((dest / "training.json").read_text())[0]["stage"] == "tiny-vae"
 
 
@@ -162,3 +162,27 @@ def test_drop_borrowed_refuses_a_component_that_differs(tmp_path):
     (tmp_path / "tiny-sd-inpaint" / "vae" / "w.safetensors").write_bytes(b"other")
     with pytest.raises(SystemExit, match="differs"):
         drop_borrowed(tmp_path / "tiny-sd-inpaint", "tiny-sd-inpaint")
+
+
+def test_evaluate_autoencoder_reports_skimage_psnr_per_artist_and_per_held_out_photo():
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from harness.data import HELD_OUT_PHOTOS
+    from harness.world import HELD_OUT_ARTISTS, TRAIN_ARTISTS
+    from harness.zoo.evaluate import eval_art, evaluate_autoencoder, held_out_photos
+
+    def darker(x):
+        return x * 0.8  # a reconstruction with a known, content-dependent error
+
+    out = evaluate_autoencoder(darker, size=32, per_pair=1)
+    assert out["size_px"] == 32
+    assert list(out["train_artists"]["psnr_db_mean_per_artist"]) == list(TRAIN_ARTISTS)
+    assert list(out["held_out_artists"]["psnr_db_mean_per_artist"]) == list(HELD_OUT_ARTISTS)
+    assert list(out["held_out_photos"]["psnr_db_per_photo"]) == list(HELD_OUT_PHOTOS)
+    art, who, _ = eval_art(["cyanora"], 1, size=32)
+    expected = [peak_signal_noise_ratio(x.numpy(), darker(x).numpy(), data_range=1.0) for x in art.images]
+    assert out["held_out_artists"]["psnr_db_mean_per_artist"]["cyanora"] == pytest.approx(sum(expected) / 10, abs=0.01)
+    photo = held_out_photos(32).images[0]
+    assert out["held_out_photos"]["psnr_db_per_photo"][HELD_OUT_PHOTOS[0]] == pytest.approx(
+        peak_signal_noise_ratio(photo.numpy(), darker(photo).numpy(), data_range=1.0), abs=0.01
+    )

@@ -176,7 +176,8 @@ def _evaluate_autoencoder(args: argparse.Namespace, stamp: dict[str, Any]) -> No
     vae.requires_grad_(False)
     photos = ev.held_out_photos(arch.RESOLUTION_V2)
     settings = ev.photoguard_encoder_settings(args.attack_steps)
-    figures: dict[str, Any] = {**stamp, "reconstruction": ev.evaluate_autoencoder(vae, arch.RESOLUTION_V2)}
+    recon = ev.evaluate_autoencoder(ev.vae_reconstruction(vae), arch.RESOLUTION_V2)
+    figures: dict[str, Any] = {**stamp, "reconstruction": recon}
     print("tiny-vae reconstruction", json.dumps(figures["reconstruction"]), flush=True)
     figures["susceptibility"] = ev.encoder_susceptibility(
         lambda x: encode_mean(vae, x), photos, settings, device=args.device
@@ -188,16 +189,12 @@ def _evaluate_autoencoder(args: argparse.Namespace, stamp: dict[str, Any]) -> No
         from harness.zoo.reference import load_taef2
 
         taef2 = load_taef2(args.taef2).to(args.device)
-        with torch.no_grad():
-            rec = taef2.decode(taef2.encode(photos.images.to(args.device))).cpu()
-        psnr = ev._psnr(rec, photos.images)
         update["reference_taef2"] = {
             "source": "TAEF2 (madebyollin, MIT), read with --taef2; not shipped",
             "measured_on": stamp["measured_on"],
-            "reconstruction": {
-                "psnr_db_mean": round(float(psnr.mean()), 2),
-                "psnr_db_per_photo": {i: round(float(v), 2) for i, v in zip(photos.ids, psnr.tolist(), strict=True)},
-            },
+            "reconstruction": ev.evaluate_autoencoder(
+                lambda x: taef2.decode(taef2.encode(x.to(args.device))), arch.RESOLUTION_V2
+            ),
             "susceptibility": ev.encoder_susceptibility(taef2.encode, photos, settings, device=args.device),
         }
         print("taef2", json.dumps(update["reference_taef2"]), flush=True)

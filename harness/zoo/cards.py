@@ -47,8 +47,8 @@ _ABOUT = {
 
 _ABOUT["tiny-vae"] = (
     "The autoencoder of the embedded world v2: Stable Diffusion's design (diffusers `AutoencoderKL`, four levels, "
-    "so 8x downsampling, a self-attention mid block) scaled down to 32-64-128-128 channels with 8 latent "
-    "channels; 128 px images become 16 x 16 x 8 latents. Trained the way SD's was: L1 and a perceptual loss "
+    "so 8x downsampling, a self-attention mid block) scaled down to 32-64-128-128 channels with 16 latent "
+    "channels (as SD3's and FLUX.1's); 128 px images become 16 x 16 x 16 latents. Trained the way SD's was: L1 and a perceptual loss "
     "(ST-LPIPS's anti-aliased VGG-16, ImageNet features: the only real LPIPS weights that install offline), a "
     "KL weight of 1e-6, and a hinge-loss PatchGAN discriminator after a warm-up, with SD's adaptive weight.\n\n"
     "**Data.** It is a general-purpose component, as SD's autoencoder is: it trained on the training split of "

@@ -171,23 +171,31 @@ def held_out_photos(size: int) -> ImageSet:
     return SamplePhotos(names=list(HELD_OUT_PHOTOS), size=size).load()
 
 
-def _reconstruct(vae: Any, x: torch.Tensor, batch: int = 32) -> torch.Tensor:
-    """Encode to the posterior mean and decode, [0, 1] in and out."""
-    rec = []
-    for i in range(0, x.shape[0], batch):
-        xb = x[i : i + batch].to(vae.device, vae.dtype) * 2 - 1
-        rec.append(((vae.decode(vae.encode(xb).latent_dist.mean).sample.float().cpu() + 1) / 2).clamp(0, 1))
-    return torch.cat(rec)
+def vae_reconstruction(vae: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A diffusers AutoencoderKL as a reconstruction: encode to the posterior mean and decode, [0, 1] in and out."""
+
+    def reconstruct(x: torch.Tensor) -> torch.Tensor:
+        xb = x.to(vae.device, vae.dtype) * 2 - 1
+        return ((vae.decode(vae.encode(xb).latent_dist.mean).sample.float().cpu() + 1) / 2).clamp(0, 1)
+
+    return reconstruct
+
+
+def _batched(reconstruct: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    return torch.cat([reconstruct(x[i : i + batch]).float().cpu() for i in range(0, x.shape[0], batch)])
 
 
 @torch.no_grad()
-def evaluate_autoencoder(vae: Any, size: int = 128, per_pair: int = 2) -> dict[str, Any]:
-    """Reconstruction PSNR of ``tiny-vae`` at ``size`` px: per artist on fresh artworks (eval split) of the
-    training and the held-out artists, and per held-out photo (whole photos)."""
+def evaluate_autoencoder(
+    reconstruct: Callable[[torch.Tensor], torch.Tensor], size: int = 128, per_pair: int = 2
+) -> dict[str, Any]:
+    """Reconstruction PSNR of an autoencoder (``reconstruct``: [0, 1] images in and out, e.g.
+    :func:`vae_reconstruction`) at ``size`` px: per artist on fresh artworks (eval split) of the training and
+    the held-out artists, and per held-out photo (whole photos). The same for ``tiny-vae`` and the reference."""
     out: dict[str, Any] = {"size_px": size}
     for group, artists in (("train_artists", TRAIN_ARTISTS), ("held_out_artists", HELD_OUT_ARTISTS)):
         art, who, _ = eval_art(artists, per_pair, size=size)
-        psnr = _psnr(_reconstruct(vae, art.images), art.images)
+        psnr = _psnr(_batched(reconstruct, art.images), art.images)
         out[group] = {
             "psnr_db_mean": round(float(psnr.mean()), 2),
             "psnr_db_min": round(float(psnr.min()), 2),
@@ -195,7 +203,7 @@ def evaluate_autoencoder(vae: Any, size: int = 128, per_pair: int = 2) -> dict[s
             "psnr_db_mean_per_artist": _mean_per_artist(psnr.tolist(), who, 2),
         }
     photos = held_out_photos(size)
-    psnr = _psnr(_reconstruct(vae, photos.images), photos.images)
+    psnr = _psnr(_batched(reconstruct, photos.images), photos.images)
     out["held_out_photos"] = {
         "psnr_db_mean": round(float(psnr.mean()), 2),
         "psnr_db_per_photo": {i: round(float(v), 2) for i, v in zip(photos.ids, psnr.tolist(), strict=True)},
