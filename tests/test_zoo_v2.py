@@ -186,3 +186,20 @@ def test_evaluate_autoencoder_reports_skimage_psnr_per_artist_and_per_held_out_p
     assert out["held_out_photos"]["psnr_db_per_photo"][HELD_OUT_PHOTOS[0]] == pytest.approx(
         peak_signal_noise_ratio(photo.numpy(), darker(photo).numpy(), data_range=1.0), abs=0.01
     )
+
+
+def test_edit_response_is_one_without_a_shift_and_falls_as_the_latent_moves(ctx):
+    """On a tiny random pipeline: f = 0 reproduces the clean edit exactly (the patched encoder is exact and
+    restored afterwards); moving the whole way to the grey target changes the edit more than a tenth does."""
+    from finetune.editing import Img2ImgEdit
+    from harness.world import WorldPhotos
+    from harness.zoo.evaluate import edit_response
+
+    photos = WorldPhotos(size=32, names=["skimage/camera", "sklearn/china"]).load()
+    mimic = Img2ImgEdit(strength=0.6, steps=4, guidance_scale=1.0)
+    encode = ctx.pipeline("img2img").vae.encode
+    out = edit_response(mimic, photos, ctx, fractions=(0.0, 0.1, 1.0))
+    assert out["fractions"]["0"] == 1.0
+    assert out["fractions"]["1"] < out["fractions"]["0.1"] <= 1.0
+    assert out["seed_floor"] < 1.0 and out["images"] == 2 and out["size_px"] == 32
+    assert ctx.pipeline("img2img").vae.encode == encode  # the encoder is the model's own again

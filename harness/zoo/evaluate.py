@@ -13,9 +13,10 @@ model cards. Style judgements use tiny-clip's zero-shot style classifier over al
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -284,6 +285,61 @@ def encoder_susceptibility(
         "realised_linf": round(float((result.images - x).abs().max()), 5),
         "seconds": round(result.seconds, 1),
     }
+
+
+@contextlib.contextmanager
+def latent_moved_toward(vae: Any, target: torch.Tensor, fraction: float) -> Iterator[None]:
+    """Inside the block, ``vae.encode`` returns the posterior with its mean moved ``fraction`` of the way from
+    each image's own mean to ``target`` (unscaled latents, broadcast over the batch), its variance unchanged:
+    the latent shift an encoder attack would make, applied exactly, whatever the pipeline does with it."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
+    original = vae.encode
+
+    def encode(x: torch.Tensor, return_dict: bool = True) -> Any:
+        dist = original(x).latent_dist
+        mean = dist.mean + fraction * (target.to(dist.mean) - dist.mean)
+        moved = DiagonalGaussianDistribution(torch.cat([mean, dist.logvar], dim=1))
+        return AutoencoderKLOutput(latent_dist=moved) if return_dict else (moved,)
+
+    vae.encode = encode
+    try:
+        yield
+    finally:
+        del vae.encode  # the instance attribute: the class's method shows through again
+
+
+#: fractions of the way from the clean latent to the attack's target at which the edit response is measured
+EDIT_RESPONSE_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 1.0)
+
+
+@torch.no_grad()
+def edit_response(
+    mimic: Any, images: ImageSet, ctx: Any, fractions: Sequence[float] = EDIT_RESPONSE_FRACTIONS, seed: int = 0
+) -> dict[str, Any]:
+    """Whether the UNet and the decoder carry a latent shift into an edit or wash it out.
+
+    For each fraction f, every image's latent is moved f of the way to the PhotoGuard encoder attack's target
+    (a flat grey image's latent) and edited by ``mimic`` (an img2img edit) with the same seed as the clean
+    edit; the SSIM of that edit to the clean edit, mean over images, is reported beside the seed floor (the
+    clean edit under another seed). 1 at f = 0 by construction."""
+    from harness.metrics import SSIM
+
+    vae = ctx.pipeline("img2img").vae
+    h, w = images.size
+    grey = torch.full((1, 3, h, w), 0.5, device=vae.device, dtype=vae.dtype)
+    target = vae.encode(grey * 2 - 1).latent_dist.mean
+    ssim = SSIM()
+    clean = mimic.run(images, make_generator(seed), ctx)
+    other = mimic.run(images, make_generator(derive_seed(seed, "seed floor")), ctx)
+    out: dict[str, Any] = {"images": len(images), "size_px": h, "fractions": {}}
+    for f in fractions:
+        with latent_moved_toward(vae, target, float(f)):
+            edited = mimic.run(images, make_generator(seed), ctx)
+        out["fractions"][f"{f:g}"] = round(float(ssim(edited, clean).mean()), 4)
+    out["seed_floor"] = round(float(ssim(other, clean).mean()), 4)
+    return out
 
 
 def evaluate_text2img(
