@@ -137,3 +137,25 @@ def test_lpips_needs_local_weights_and_is_zero_on_identical_images(tmp_path):
     b = ImageSet(b.images, a.ids, a.captions)
     assert torch.allclose(metric(a, a), torch.zeros(2, dtype=torch.float64), atol=1e-7)
     assert (metric(b, a) > 0).all() and not metric.higher_is_better
+
+
+def test_noise_excess_is_the_wavelet_noise_level_difference_and_sees_added_noise():
+    from harness.metrics.quality import NoiseExcess, noise_level
+
+    # white Gaussian noise of known sigma on a flat image: the estimator recovers sigma
+    g = torch.Generator().manual_seed(0)
+    flat = torch.full((2, 3, 128, 128), 0.5) + 0.04 * torch.randn(2, 3, 128, 128, generator=g)
+    assert torch.allclose(noise_level(flat), torch.full((2,), 0.04, dtype=torch.float64), rtol=0.05)
+    # by hand on a 2 x 2 image: one diagonal coefficient per channel
+    tiny = torch.tensor([[[0.1, 0.3], [0.2, 0.9]]]).expand(1, 3, 2, 2)
+    assert float(noise_level(tiny)[0]) == pytest.approx(abs(0.1 - 0.3 - 0.2 + 0.9) / 2 / 0.6744897501960817)
+
+    art = ProceduralArt(artists=["cyanora", "aquarela"], per_pair=1, size=64).load().select(slice(0, 4))
+    metric = NoiseExcess()
+    assert torch.allclose(metric(art, art), torch.zeros(4, dtype=torch.float64))
+    noisy = art.with_images(art.images + 0.05 * torch.randn(art.images.shape, generator=g))
+    excess = metric(noisy, art)
+    assert (excess > 0.03).all() and (excess < 0.06).all()  # most of the 0.05 (clipping to [0, 1] removes some)
+    # another clean render of the same artists is not mistaken for noise
+    other = ProceduralArt(artists=["cyanora", "aquarela"], per_pair=1, size=64, seed=7).load().select(slice(0, 4))
+    assert float(metric(ImageSet(other.images, art.ids, art.captions), art).abs().max()) < 0.5 * float(excess.min())
