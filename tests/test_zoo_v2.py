@@ -203,3 +203,30 @@ def test_edit_response_is_one_without_a_shift_and_falls_as_the_latent_moves(ctx)
     assert out["fractions"]["1"] < out["fractions"]["0.1"] <= 1.0
     assert out["seed_floor"] < 1.0 and out["images"] == 2 and out["size_px"] == 32
     assert ctx.pipeline("img2img").vae.encode == encode  # the encoder is the model's own again
+
+
+def test_evaluate_command_writes_the_tiny_vae_figures_and_its_targets_table(toy_world, tmp_path, monkeypatch):
+    """The command's glue on a toy-trained autoencoder installed into a temporary zoo: figures.json gets the
+    reconstruction and susceptibility figures, and the card a targets table saying what is met."""
+    import harness.zoo.__main__ as zoo_main
+    from harness.zoo import cards
+
+    toy_world.train_autoencoder(tmp_path / "work", steps=1, batch=2)
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    zoo_main.install_autoencoder(tmp_path / "work", zoo=zoo)
+    monkeypatch.setattr(zoo_main, "ZOO", zoo)
+    monkeypatch.setattr(cards, "ZOO", zoo)
+    monkeypatch.setattr(cards, "_ABOUT", {"tiny-vae": cards._ABOUT["tiny-vae"]})
+    from harness.zoo import evaluate as ev
+
+    monkeypatch.setattr(ev, "TRAIN_ARTISTS", ("dottori",))  # one artist a group keeps the test short
+    monkeypatch.setattr(ev, "HELD_OUT_ARTISTS", ("cyanora",))
+    zoo_main.main(["evaluate", "--models", "tiny-vae", "--attack-steps", "2", "--threads", "1"])
+    figures = json.loads((zoo / "tiny-vae" / "figures.json").read_text())["evaluation"]
+    assert figures["reconstruction"]["size_px"] == 128 and figures["susceptibility"]["images"] == 4
+    assert "2 steps" in figures["susceptibility"]["attack"]
+    card = (zoo / "tiny-vae" / "README.md").read_text()
+    assert "### Targets" in card and "reconstruction >= 25 dB per held-out artist" in card
+    assert "**NOT met**" in card  # a one-step toy autoencoder cannot reconstruct at 25 dB
+    assert "TAEF2 not measured (--taef2)" in card
