@@ -195,6 +195,27 @@ def _tiny_text_encoder(tokenizer: Any) -> Any:
     return CLIPTextModel(text_config)
 
 
+def _tiny_unet(sample_size: int, in_channels: int, **extra: Any) -> Any:
+    """The tiny random pipelines' UNet: two levels (32, 64 channels), cross-attention in the lower one, 4 output
+    channels; ``extra``: further UNet2DConditionModel options (the upscaler's noise-level classes)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        # diffusers' legacy naming: for this UNet "attention_head_dim" is the number of heads.
+        attention_head_dim=(2, 4),
+        norm_num_groups=32,
+        **extra,
+    )
+
+
 def build_tiny_random(seed: int = 0, inpaint: bool = False) -> Any:
     """Build a tiny, randomly initialised Stable-Diffusion-shaped pipeline, deterministically, offline.
 
@@ -221,24 +242,11 @@ def build_tiny_random(seed: int = 0, inpaint: bool = False) -> Any:
         DDIMScheduler,
         StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
-        UNet2DConditionModel,
     )
 
     tokenizer = tiny_clip_tokenizer()
     with isolated_torch_rng(seed):
-        unet = UNet2DConditionModel(
-            sample_size=TINY_RANDOM_RESOLUTION // 2,
-            in_channels=9 if inpaint else 4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            # diffusers' legacy naming: for this UNet "attention_head_dim" is the number of heads.
-            attention_head_dim=(2, 4),
-            norm_num_groups=32,
-        )
+        unet = _tiny_unet(TINY_RANDOM_RESOLUTION // 2, in_channels=9 if inpaint else 4)
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -316,24 +324,11 @@ def build_tiny_random_upscaler(seed: int = 0) -> Any:
         DDIMScheduler,
         DDPMScheduler,
         StableDiffusionUpscalePipeline,
-        UNet2DConditionModel,
     )
 
     tokenizer = tiny_clip_tokenizer()
     with isolated_torch_rng(seed):
-        unet = UNet2DConditionModel(
-            sample_size=TINY_RANDOM_RESOLUTION // 4,
-            in_channels=7,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=(2, 4),
-            norm_num_groups=32,
-            num_class_embeds=1000,
-        )
+        unet = _tiny_unet(TINY_RANDOM_RESOLUTION // 4, in_channels=7, num_class_embeds=1000)
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,

@@ -49,3 +49,18 @@ def tiny_upscaler_dir(tmp_path_factory) -> Path:
     from harness.tiny_random import save_tiny_random_upscaler
 
     return save_tiny_random_upscaler(tmp_path_factory.mktemp("tiny-x4-upscaler"))
+
+
+@pytest.fixture()
+def toy_world(monkeypatch):
+    """Shrink the zoo's training sets (two artists, one image each per subject, one crop of one photo) so every
+    training stage runs in seconds; returns ``harness.zoo.train``."""
+    import harness.zoo.train as train
+
+    original = train.world_data
+
+    def small(artists, per_pair, crops_per_photo, seed, split="train", size=64, photos=None):
+        return original(tuple(artists)[:2], 1, 1, seed, split, size, (photos or ("skimage/camera",))[:1])
+
+    monkeypatch.setattr(train, "world_data", small)
+    return train

@@ -190,20 +190,6 @@ def test_tiny_sd_inpaint_repaints_the_centre_in_the_prompted_style():
 # -------------------------------------------------------------------------------------- training scripts
 
 
-@pytest.fixture()
-def toy_world(monkeypatch):
-    """Shrink the training sets to a few images so every stage runs in seconds."""
-    import harness.zoo.train as train
-
-    original = train.world_data
-
-    def small(artists, per_pair, crops_per_photo, seed, split="train", size=64, photos=None):
-        return original(tuple(artists)[:2], 1, 1, seed, split, size, photos)
-
-    monkeypatch.setattr(train, "world_data", small)
-    return train
-
-
 def test_training_stages_run_resume_and_install(toy_world, tmp_path):
     from diffusers import DiffusionPipeline
 

@@ -91,19 +91,6 @@ def test_taef2_reference_names_a_missing_or_wrong_file(tmp_path):
         load_taef2(tmp_path)
 
 
-@pytest.fixture()
-def toy_world(monkeypatch):
-    import harness.zoo.train as train
-
-    original = train.world_data
-
-    def small(artists, per_pair, crops_per_photo, seed, split="train", size=64, photos=None):
-        return original(tuple(artists)[:2], 1, 1, seed, split, size, (photos or ("skimage/camera",))[:1])
-
-    monkeypatch.setattr(train, "world_data", small)
-    return train
-
-
 def test_autoencoder_trains_with_its_discriminator_resumes_and_installs(toy_world, tmp_path):
     from diffusers import AutoencoderKL
 

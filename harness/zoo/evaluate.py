@@ -258,14 +258,14 @@ def encoder_susceptibility(
     ctx = Context(device=device, batch_size=batch_size)
     result = run_pgd(x, images.ids, distance, settings, make_generator(seed), ctx, desc="encoder attack")
     noise = uniform_noise(x, settings.eps, "linf", image_generators(derive_seed(seed, "noise"), images.ids, "noise"))
-    with torch.no_grad():
-        d0 = torch.cat([distance(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
-        noisy = (x + noise).clamp(0, 1)
-        dn = torch.cat([distance(noisy[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
-        da = torch.cat(
-            [distance(result.images[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
+
+    @torch.no_grad()
+    def distances(batch: torch.Tensor) -> torch.Tensor:
+        return torch.cat(
+            [distance(batch[i : i + batch_size].to(device)).cpu() for i in range(0, len(batch), batch_size)]
         )
-    d0, dn, da = d0.double(), dn.double(), da.double()
+
+    d0, dn, da = (distances(b).double() for b in (x, (x + noise).clamp(0, 1), result.images))
 
     def share(after: torch.Tensor, power: int) -> torch.Tensor:
         return 1 - (after / d0) ** power
