@@ -18,7 +18,9 @@ data half of that embedded default (``harness.zoo`` holds the models trained on 
 
 Everything is a pure function of a seed: :func:`render_artwork` draws from a NumPy generator seeded with
 :func:`harness.seeding.derive_seed` over (seed, split, artist, subject, index), so an image never depends
-on what else was generated, and the ``"train"`` and ``"eval"`` splits never share an image.
+on what else was generated, and the splits never share an image: ``"train"`` (what the shipped models train on),
+``"eval"`` (fresh images for the models' evaluations) and ``"posted"`` (the artworks an artist posts, which
+mimics finetune on and defenses protect: no shipped model, the autoencoder and the judge included, ever saw one).
 
 Images are rendered at twice the requested side and box-downsampled (anti-aliased), then quantized to 8 bits.
 """
@@ -636,7 +638,7 @@ def _as_list(option: str, value: str | Sequence[str] | None, allowed: Sequence[s
     return items
 
 
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval", "posted")
 
 
 class ProceduralArt:
@@ -649,7 +651,8 @@ class ProceduralArt:
         per_pair: images per (artist, subject) pair, >= 1.
         size: image side in pixels (multiple of 16 in [32, 512]).
         seed: world seed; images of different seeds or splits never coincide.
-        split: ``"train"`` or ``"eval"`` (fresh images the models never saw).
+        split: ``"train"``, ``"eval"`` (fresh images the models never saw) or ``"posted"`` (an artist's posted
+            artworks, for mimics and defenses; no shipped model saw them either).
         template: caption template index, or None to cycle through :data:`CAPTION_TEMPLATES`.
 
     ``load()`` returns an :class:`ImageSet` with ids ``"<artist>/<subject>/<split>-<index>"``.
@@ -701,7 +704,7 @@ class ProceduralArt:
     def held_out(self) -> ImageSet:
         """The same artists' and subjects' images of the other split: artworks the mimic never trains on, the
         reference set that set-level mimicry measures (KID, the set Gram distance) compare generations with."""
-        other = "eval" if self.split == "train" else "train"
+        other = {"train": "eval", "eval": "train", "posted": "eval"}[self.split]
         twin = ProceduralArt(self.artists, self.subjects, self.per_pair, self.size, self.seed, other, self.template)
         return twin.load()
 
@@ -713,7 +716,7 @@ class WorldPhotos:
         crops_per_photo: crops drawn from each photo, >= 1.
         size: output side in pixels, >= 16.
         seed: seed of the crop positions, scales, flips and jitter.
-        split: ``"train"`` or ``"eval"``.
+        split: one of :data:`SPLITS`.
         names: which sample photos (keys of :data:`harness.data.SAMPLE_PHOTOS`); default all.
         min_scale: smallest crop side as a fraction of the photo's shorter side, in (0, 1].
 

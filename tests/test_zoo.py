@@ -197,22 +197,27 @@ def test_training_stages_run_resume_and_install(toy_world, tmp_path):
 
     train = toy_world
     work = tmp_path / "work"
-    rec = train.train_vae(work, steps=2, batch=4)
-    assert (work / "vae" / "config.json").is_file() and rec["scaling_factor"] > 0
+    with pytest.raises(FileNotFoundError, match="train tiny-vae first"):
+        train.train_sd(work, steps=1, batch=4)
+    rec = train.train_autoencoder(work, steps=1, batch=2)
+    assert (work / "tiny-vae" / "config.json").is_file() and rec["scaling_factor"] > 0
     train.train_sd(work, steps=2, batch=4)
     first = torch.load(work / "sd.ckpt", weights_only=False)["step"]
     assert first == 2
     rec = train.train_sd(work, steps=3, batch=4)  # resumes at step 2, runs one more
-    assert rec["history"][-1]["step"] == 3
+    assert rec["history"][-1]["step"] == 3 and rec["image_px"] == 128
     train.train_inpaint(work, steps=1, batch=4)
-    train.train_clip(work, steps=1, batch=8)
+    rec = train.train_clip(work, steps=1, batch=8)
+    assert rec["image_px"] == 128 and "skimage/astronaut" not in rec["train_photos"]
     zoo = tmp_path / "zoo"
     zoo.mkdir()
-    _install_pipeline(work, "tiny-sd", ["vae_record.json", "sd_record.json"], zoo=zoo)
+    _install_pipeline(work, "tiny-sd", ["tiny-vae_record.json", "sd_record.json"], zoo=zoo)
     _install_pipeline(work, "tiny-sd-inpaint", ["inpaint_record.json"], zoo=zoo)
     install_clip(work, zoo=zoo)
     pipe = DiffusionPipeline.from_pretrained(zoo / "tiny-sd-inpaint")
-    assert pipe.unet.config.in_channels == 9
+    # 16 noisy latents, the mask, 16 masked-image latents; 128 px images to 16 x 16 latents
+    assert pipe.unet.config.in_channels == 33 and pipe.vae.config.latent_channels == 16
+    assert pipe.unet.config.sample_size * 8 == 128
     clip = load_clip(ClipSpec(source=f"local-dir:{zoo / 'tiny-clip'}"))
     assert clip.encode_texts(["a photo of a cat"]).shape == (1, 128)
 

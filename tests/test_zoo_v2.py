@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -217,3 +218,44 @@ def test_evaluate_command_writes_the_tiny_vae_figures_and_its_targets_table(toy_
     assert "### Targets" in card and "reconstruction >= 25 dB per held-out artist" in card
     assert "**NOT met**" in card  # a one-step toy autoencoder cannot reconstruct at 25 dB
     assert "TAEF2 not measured (--taef2)" in card
+
+
+def test_judge_augmentation_jitters_colour_but_adds_no_noise_or_blur():
+    """tiny-clip's augmentation changes colours (some images greyscale) yet leaves a flat image flat and a
+    sharp edge sharp: no noise, no blur, so the judge is not taught to overlook protection artifacts."""
+    from harness.zoo.train import _clip_augment
+
+    flat = torch.zeros(64, 3, 32, 32)
+    flat[:] = torch.tensor([0.8, 0.3, 0.1]).view(1, 3, 1, 1)
+    out = _clip_augment(flat, torch.Generator().manual_seed(0))
+    assert out.min() >= 0 and out.max() <= 1
+    assert out.std(dim=(2, 3)).max() < 1e-5  # every output is still one flat colour
+    colours = out[:, :, 0, 0]
+    assert (colours - flat[:, :, 0, 0]).abs().max() > 0.1  # colours moved
+    grey = (colours.max(1).values - colours.min(1).values) < 1e-5
+    assert 3 <= int(grey.sum()) <= 30  # greyscale with probability 0.2
+    again = _clip_augment(flat, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # every draw comes from the generator
+    edge = torch.zeros(16, 3, 32, 32)
+    edge[..., 16:] = 1.0
+    cut = _clip_augment(edge, torch.Generator().manual_seed(1))
+    # a crop resized up by at most 1/sqrt(0.5) spreads the edge over at most 2 pixels; a blur would spread it more
+    row = cut[:, 0, 16]
+    steps = ((row[:, 1:] - row[:, :-1]).abs() > 0.02).sum(1)
+    assert steps.max() <= 3
+
+
+def test_posted_split_is_disjoint_and_its_reference_set_is_the_eval_split():
+    from harness.world import ProceduralArt
+
+    sets = {
+        s: ProceduralArt(artists=["cyanora"], subjects=["sun"], per_pair=2, size=32, split=s).load()
+        for s in ("train", "eval", "posted")
+    }
+    for a in sets:
+        for b in sets:
+            if a != b:
+                assert not np.array_equal(sets[a].to_uint8(), sets[b].to_uint8())
+    posted = ProceduralArt(artists=["cyanora"], subjects=["sun"], per_pair=2, size=32, split="posted")
+    assert np.array_equal(posted.held_out().to_uint8(), sets["eval"].to_uint8())
+    assert posted.load().ids[0] == "cyanora/sun/posted-0000"

@@ -1,10 +1,10 @@
 """Train, install, evaluate and document the shipped models: ``python -m harness.zoo <command>``.
 
 Commands:
-    train MODEL     train ``vae``, ``tiny-clip``, ``tiny-sd`` (needs the vae), ``tiny-sd-inpaint`` (needs tiny-sd)
-                    or ``all`` (in that order) in a work folder (resumes from checkpoints), then install the
-                    result into the package (``harness/zoo/<model>``, fp16 safetensors). ``tiny-vae`` is the
-                    embedded world v2's autoencoder (128 px, 8x), trained on its own.
+    train MODEL     train ``tiny-vae``, ``tiny-clip``, ``tiny-sd`` (needs tiny-vae), ``tiny-sd-inpaint`` (needs
+                    tiny-sd) or ``all`` (in that order) in a work folder (resumes from checkpoints), then install
+                    the result into the package (``harness/zoo/<model>``, fp16 safetensors; ``--no-install``
+                    keeps the shipped ones). All are the embedded world v2's (128 px, an 8x autoencoder).
     evaluate        measure the quality figures of the installed models (``figures.json`` in each folder) and
                     write the model cards; ``--skip-lora`` skips the (minutes-long) LoRA positive control.
     cards           rewrite the model cards from the saved training records and figures.
@@ -127,32 +127,34 @@ def cmd_train(args: argparse.Namespace) -> None:
     kw: dict[str, Any] = {"seed": args.seed, "device": args.device}
     if args.steps:
         kw["steps"] = args.steps
-    todo = ["vae", "tiny-clip", "tiny-sd", "tiny-sd-inpaint"] if args.model == "all" else [args.model]
+    todo = ["tiny-vae", "tiny-clip", "tiny-sd", "tiny-sd-inpaint"] if args.model == "all" else [args.model]
     for model in todo:
         t0 = time.time()
-        if model == "vae":
-            train.train_vae(work, **kw)
-        elif model == "tiny-vae":
+        dest = None
+        if model == "tiny-vae":
             train.train_autoencoder(work, **kw)
-            install_autoencoder(work)
+            dest = None if args.no_install else install_autoencoder(work)
         elif model == "tiny-clip":
             train.train_clip(work, **kw)
-            install_clip(work)
+            dest = None if args.no_install else install_clip(work)
         elif model == "tiny-sd":
-            if not (work / "vae" / "config.json").is_file():
-                train.train_vae(work, **{k: v for k, v in kw.items() if k != "steps"})
+            if not (work / "tiny-vae" / "config.json").is_file():
+                raise SystemExit(f"train tiny-vae first: {work / 'tiny-vae'} is missing")
             train.train_sd(work, **kw)
-            _install_pipeline(work, "tiny-sd", ["vae_record.json", "sd_record.json"])
+            if not args.no_install:
+                dest = _install_pipeline(work, "tiny-sd", ["tiny-vae_record.json", "sd_record.json"])
         elif model == "tiny-sd-inpaint":
             if not (work / "tiny-sd" / "model_index.json").is_file():
                 raise SystemExit(f"train tiny-sd first: {work / 'tiny-sd'} is missing")
             train.train_inpaint(work, **kw)
-            dest = _install_pipeline(
-                work, "tiny-sd-inpaint", ["vae_record.json", "sd_record.json", "inpaint_record.json"]
-            )
-            drop_borrowed(dest, "tiny-sd-inpaint")
+            if not args.no_install:
+                records = ["tiny-vae_record.json", "sd_record.json", "inpaint_record.json"]
+                dest = _install_pipeline(work, "tiny-sd-inpaint", records)
+        if dest is not None:
+            drop_borrowed(dest, model)
         print(f"{model}: done in {time.time() - t0:.0f} s", flush=True)
-    cards.write_all()
+    if not args.no_install:
+        cards.write_all()
 
 
 def _save_figures(model: str, figures: dict[str, Any]) -> None:
@@ -174,9 +176,9 @@ def _evaluate_autoencoder(args: argparse.Namespace, stamp: dict[str, Any]) -> No
     t0 = time.time()
     vae = AutoencoderKL.from_pretrained(ZOO / "tiny-vae", torch_dtype=torch.float32).to(args.device).eval()
     vae.requires_grad_(False)
-    photos = ev.held_out_photos(arch.RESOLUTION_V2)
+    photos = ev.held_out_photos(arch.RESOLUTION)
     settings = ev.photoguard_encoder_settings(args.attack_steps)
-    recon = ev.evaluate_autoencoder(ev.vae_reconstruction(vae), arch.RESOLUTION_V2)
+    recon = ev.evaluate_autoencoder(ev.vae_reconstruction(vae), arch.RESOLUTION)
     figures: dict[str, Any] = {**stamp, "reconstruction": recon}
     print("tiny-vae reconstruction", json.dumps(figures["reconstruction"]), flush=True)
     figures["susceptibility"] = ev.encoder_susceptibility(
@@ -193,7 +195,7 @@ def _evaluate_autoencoder(args: argparse.Namespace, stamp: dict[str, Any]) -> No
             "source": "TAEF2 (madebyollin, MIT), read with --taef2; not shipped",
             "measured_on": stamp["measured_on"],
             "reconstruction": ev.evaluate_autoencoder(
-                lambda x: taef2.decode(taef2.encode(x.to(args.device))), arch.RESOLUTION_V2
+                lambda x: taef2.decode(taef2.encode(x.to(args.device))), arch.RESOLUTION
             ),
             "susceptibility": ev.encoder_susceptibility(taef2.encode, photos, settings, device=args.device),
         }
@@ -261,10 +263,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m harness.zoo", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a shipped model and install it into the package")
-    p.add_argument("model", choices=["vae", *MODELS, *MODELS_V2, "all"])
+    p.add_argument("model", choices=[*MODELS_V2, *MODELS, "all"])
     p.add_argument("--work", default="zoo-work", help="work folder for checkpoints and intermediate results")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=0, help="override the stage's default number of steps")
+    p.add_argument(
+        "--no-install",
+        action="store_true",
+        help="train (or resume) in the work folder only, leaving the shipped models as they are",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.set_defaults(func=cmd_train)

@@ -1,20 +1,25 @@
-"""Training of the shipped tiny models on the embedded world, reproducible from a seed.
+"""Training of the shipped tiny models on the embedded world v2 (128 px), reproducible from a seed.
 
 Stages (each resumes from its last checkpoint in the work folder when re-run after an interruption):
 
-1. ``vae``: the ``tiny-sd`` autoencoder, on random 32 px crops of 64 px images of the training artists and
-   photo crops (it is fully convolutional, so it then runs at any multiple of 4). Loss: MSE + 0.1 L1 on
-   pixels plus a small KL term, on a latent sample. The scaling factor is set afterwards to 1 / std of the
-   training latents, as for Stable Diffusion.
-2. ``clip``: ``tiny-clip``, contrastively (InfoNCE, Radford et al. 2021) on artworks of *all* artists and photo
-   crops, with soft targets where several captions in a batch describe the same image content.
-3. ``sd``: the ``tiny-sd`` UNet and text encoder, jointly from scratch, on latents of the training artists'
-   artworks and photo crops (flipped copies included); epsilon loss with min-SNR-5 weighting (Hang et al.
-   2023), 10% empty captions for classifier-free guidance, EMA of the weights.
-4. ``inpaint``: ``tiny-sd-inpaint``, initialised from the ``tiny-sd`` UNet (the extra 5 input channels start at
-   zero), trained with random rectangles, ellipses, brush strokes and full masks as in SD's inpainting model.
+1. ``tiny-vae``: the autoencoder, Stable Diffusion's recipe scaled down (:class:`AutoencoderRecipe`), on 64 px
+   crops of 128 px images. A general-purpose component, as SD's is: it trains on the ``train`` split of every
+   artist and on crops of the training photos; the scaling factor is set afterwards to 1 / std of the training
+   latents, as for Stable Diffusion.
+2. ``clip``: ``tiny-clip``, the judge, contrastively (InfoNCE, Radford et al. 2021) on the ``train`` split of
+   *all* artists and crops of the training photos, with soft targets where several captions in a batch describe
+   the same content; augmented with crops, flips, colour jitter and greyscale (so that it judges style by
+   texture as well as palette) and never with noise or blur (which would teach it to overlook protection
+   artifacts).
+3. ``sd``: the ``tiny-sd`` UNet and text encoder, jointly from scratch, on ``tiny-vae`` latents of the training
+   artists' artworks and training-photo crops (flipped copies included); epsilon loss with min-SNR-5 weighting
+   (Hang et al. 2023), 10% empty captions for classifier-free guidance, EMA of the weights.
+4. ``inpaint``: ``tiny-sd-inpaint``, initialised from the ``tiny-sd`` UNet (the extra 17 input channels start
+   at zero), trained with random rectangles, ellipses, brush strokes and full masks as in SD's inpainting model.
 
-Held-out artists (:data:`harness.world.HELD_OUT_ARTISTS`) never reach the VAE, the UNet or the text encoder.
+No model sees an image of the ``eval`` split (evaluations), of the ``posted`` split (the artworks that mimics
+finetune on and defenses protect) or a held-out photo (:data:`harness.data.HELD_OUT_PHOTOS`, the edits'
+images). Held-out artists (:data:`harness.world.HELD_OUT_ARTISTS`) never reach the UNet or the text encoder.
 """
 
 from __future__ import annotations
@@ -300,30 +305,7 @@ def _write_record(work: Path, stage: Stage, seed: int, batch: int, device: torch
     return record
 
 
-# -------------------------------------------------------------------------------------------------- VAE
-
-
-def _vae_loss(vae: Any, data: WorldData, gen: torch.Generator, dev: torch.device) -> StepLoss:
-    """MSE + 0.1 L1 on random 32 px crops (randomly flipped) plus a small KL term, on a latent sample."""
-
-    def step_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        x = to_float(data.images[idx])
-        oy, ox = torch.randint(0, 33, (2,), generator=gen).tolist()
-        x = x[:, :, oy : oy + 32, ox : ox + 32]
-        if torch.rand((), generator=gen) < 0.5:
-            x = x.flip(-1)
-        x = (x * 2 - 1).to(dev)
-        with _autocast(dev):
-            post = vae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(dev)
-            rec = vae.decode(z).sample.float()
-        mse = F.mse_loss(rec, x)
-        kl = post.kl().mean() / z[0].numel()
-        loss = mse + 0.1 * (rec - x).abs().mean() + 1e-5 * kl
-        psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))  # [-1, 1] range: peak-to-peak 2
-        return loss, {"psnr_db": psnr, "kl": kl.item()}
-
-    return step_loss
+# --------------------------------------------------------------------------------------------- tiny-vae
 
 
 @torch.no_grad()
@@ -332,29 +314,6 @@ def _latent_scaling(vae: Any, data: WorldData, dev: torch.device) -> float:
     x = to_float(data.images[:512]) * 2 - 1
     latents = torch.cat([vae.encode(x[i : i + 64].to(dev)).latent_dist.mean.cpu() for i in range(0, len(x), 64)])
     return float(1.0 / latents.std())
-
-
-def train_vae(
-    work: Path, seed: int = 0, steps: int = 2500, batch: int = 32, lr: float = 1e-3, device: str = "cpu"
-) -> dict[str, Any]:
-    """Train the ``tiny-sd`` autoencoder. Returns the training record (also saved as ``vae_record.json``)."""
-    dev = torch.device(device)
-    torch.manual_seed(derive_seed(seed, "zoo/vae/init"))
-    vae = arch.build_vae().to(dev)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    stage = _stage("vae", work, seed, steps, lr, opt, {"model": vae}, clip_params=list(vae.parameters()))
-    data = world_data(TRAIN_ARTISTS, per_pair=30, crops_per_photo=100, seed=seed)
-    stage.t0 = time.time()
-    vae.train()
-    _train(stage, _batches(len(data), batch, stage.gen), _vae_loss(vae, data, stage.gen, dev))
-    vae.eval()
-    scaling = _latent_scaling(vae, data, dev)
-    vae.register_to_config(scaling_factor=scaling)
-    vae.save_pretrained(work / "vae")
-    return _write_record(work, stage, seed, batch, dev, crop_px=32, train_images=len(data), scaling_factor=scaling)
-
-
-# ------------------------------------------------------------------------------------- tiny-vae (world v2)
 
 
 class PatchDiscriminator(torch.nn.Module):
@@ -480,9 +439,9 @@ def train_autoencoder(
 ) -> dict[str, Any]:
     """Train ``tiny-vae``, the embedded world v2's autoencoder, on random 64 px crops of 128 px images.
 
-    Data (a general-purpose autoencoder, as SD's is): the training split of *every* artist, held-out ones
+    Data (a general-purpose autoencoder, as SD's is): the ``train`` split of *every* artist, held-out ones
     included, and crops of the training photos (:data:`harness.data.TRAIN_PHOTOS`); never an image of the
-    evaluation split nor a held-out photo, which evaluations, mimics and edits use. Writes ``work/tiny-vae``
+    ``eval`` or ``posted`` split nor a held-out photo, which evaluations, mimics and edits use. Writes ``work/tiny-vae``
     and returns the training record (also ``work/tiny-vae_record.json``).
     """
     from harness.data import TRAIN_PHOTOS
@@ -508,7 +467,7 @@ def train_autoencoder(
         save_every=100,
         log_every=25,
     )
-    data = world_data(ARTISTS, per_pair=16, crops_per_photo=60, seed=seed, size=arch.RESOLUTION_V2, photos=TRAIN_PHOTOS)
+    data = world_data(ARTISTS, per_pair=16, crops_per_photo=60, seed=seed, size=arch.RESOLUTION, photos=TRAIN_PHOTOS)
     stage.t0 = time.time()
     vae.train()
     disc.train()
@@ -526,7 +485,7 @@ def train_autoencoder(
         batch,
         dev,
         crop_px=recipe.crop,
-        image_px=arch.RESOLUTION_V2,
+        image_px=arch.RESOLUTION,
         train_images=len(data),
         train_photos=list(TRAIN_PHOTOS),
         scaling_factor=scaling,
@@ -537,8 +496,36 @@ def train_autoencoder(
 # ------------------------------------------------------------------------------------------------- CLIP
 
 
+#: the judge's colour augmentation: SimCLR's colour distortion (Chen et al. 2020) at strength 0.5 (brightness,
+#: contrast and saturation factors in [0.6, 1.4], hue shifted by up to 0.1 of the circle, in random order, with
+#: probability 0.8), then greyscale with probability 0.2
+COLOUR_JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1, "p": 0.8, "greyscale_p": 0.2}
+
+
+def _colour_jitter(img: torch.Tensor, gen: torch.Generator, cfg: dict[str, float] = COLOUR_JITTER) -> torch.Tensor:
+    """SimCLR-style colour distortion of one (1, 3, h, w) image in [0, 1], every draw from ``gen``."""
+    from torchvision.transforms.v2 import functional as TF
+
+    def u(lo: float, hi: float) -> float:
+        return float(torch.empty(()).uniform_(lo, hi, generator=gen))
+
+    if float(torch.rand((), generator=gen)) < cfg["p"]:
+        ops = {
+            0: lambda x: TF.adjust_brightness(x, u(1 - cfg["brightness"], 1 + cfg["brightness"])),
+            1: lambda x: TF.adjust_contrast(x, u(1 - cfg["contrast"], 1 + cfg["contrast"])),
+            2: lambda x: TF.adjust_saturation(x, u(1 - cfg["saturation"], 1 + cfg["saturation"])),
+            3: lambda x: TF.adjust_hue(x, u(-cfg["hue"], cfg["hue"])),
+        }
+        for k in torch.randperm(4, generator=gen).tolist():
+            img = ops[k](img).clamp(0, 1)
+    if float(torch.rand((), generator=gen)) < cfg["greyscale_p"]:
+        img = TF.rgb_to_grayscale(img, num_output_channels=3)
+    return img
+
+
 def _clip_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random resized crop (scale 0.5-1), flip, and sometimes blur or noise, per image. x in [0, 1]."""
+    """Random resized crop (scale 0.5-1), flip and colour distortion (:data:`COLOUR_JITTER`), per image; no
+    noise and no blur, which would teach the judge to overlook protection artifacts. x in [0, 1]."""
     n, _, h, w = x.shape
     out = torch.empty_like(x)
     for i in range(n):
@@ -550,14 +537,7 @@ def _clip_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         crop = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         if torch.rand((), generator=gen) < 0.5:
             crop = crop.flip(-1)
-        r = float(torch.rand((), generator=gen))
-        if r < 0.2:
-            k = torch.tensor([1.0, 2.0, 1.0])
-            k = (k[:, None] * k[None]) / 16
-            crop = F.conv2d(F.pad(crop, (1, 1, 1, 1), mode="replicate"), k.expand(3, 1, 3, 3), groups=3)
-        elif r < 0.4:
-            crop = crop + 0.05 * torch.randn(crop.shape, generator=gen)
-        out[i] = crop[0].clamp(0, 1)
+        out[i] = _colour_jitter(crop.clamp(0, 1), gen)[0]
     return out
 
 
@@ -619,7 +599,10 @@ def _clamp_logit_scale(model: Any) -> Callable[[], dict[str, float]]:
 def train_clip(
     work: Path, seed: int = 0, steps: int = 1200, batch: int = 128, lr: float = 1e-3, device: str = "cpu"
 ) -> dict[str, Any]:
-    """Train ``tiny-clip``. Returns the training record (also saved as ``clip_record.json``)."""
+    """Train ``tiny-clip``, the judge, on the ``train`` split of every artist and crops of the training photos
+    (never an image that an evaluation, a mimic or an edit uses). Returns the training record (also saved as
+    ``clip_record.json``)."""
+    from harness.data import TRAIN_PHOTOS
     from harness.zoo.tokenizer import save_world_tokenizer
 
     dev = torch.device(device)
@@ -632,12 +615,13 @@ def train_clip(
         "clip", work, seed, steps, lr, opt, {"model": model}, after_step=_clamp_logit_scale(model), log_every=every
     )
     rng = np.random.default_rng(derive_seed(seed, f"zoo/clip/captions/{stage.start}"))
-    data = world_data(ARTISTS, per_pair=24, crops_per_photo=60, seed=seed)
+    data = world_data(ARTISTS, per_pair=24, crops_per_photo=60, seed=seed, size=arch.RESOLUTION, photos=TRAIN_PHOTOS)
     stage.t0 = time.time()
     model.train()
     _train(stage, _batches(len(data), batch, stage.gen), _clip_loss(model, tokenizer, data, rng, stage.gen, dev))
     torch.save(model.state_dict(), work / "clip_final.pt")
-    return _write_record(work, stage, seed, batch, dev, train_images=len(data), artists=list(ARTISTS))
+    extra = {"train_images": len(data), "artists": list(ARTISTS), "train_photos": list(TRAIN_PHOTOS)}
+    return _write_record(work, stage, seed, batch, dev, image_px=arch.RESOLUTION, colour_jitter=COLOUR_JITTER, **extra)
 
 
 # ------------------------------------------------------------------------------- UNet + text encoder
@@ -648,14 +632,19 @@ MIN_SNR_GAMMA = 5.0
 
 
 def _load_vae(work: Path) -> Any:
+    """The trained ``tiny-vae`` of the work folder, frozen."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(work / "vae").eval().requires_grad_(False)
+    if not (work / "tiny-vae" / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{work / 'tiny-vae'} is missing: train tiny-vae first (python -m harness.zoo train tiny-vae)"
+        )
+    return AutoencoderKL.from_pretrained(work / "tiny-vae").eval().requires_grad_(False)
 
 
 @torch.no_grad()
 def _encode_all(vae: Any, images: torch.Tensor, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every image and of its mirror image: (2N, 4, h, w) each, on the CPU."""
+    """Posterior mean and std of every image and of its mirror image: (2N, c, h, w) each, on the CPU."""
     means, stds = [], []
     for flip in (False, True):
         for i in range(0, images.shape[0], batch):
@@ -767,7 +756,9 @@ def train_sd(
     ema_decay: float = 0.998,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """Train the ``tiny-sd`` UNet and text encoder on the training artists and photos (VAE frozen)."""
+    """Train the ``tiny-sd`` UNet and text encoder on ``tiny-vae`` latents (frozen) of the training artists'
+    artworks and crops of the training photos, at 128 px."""
+    from harness.data import TRAIN_PHOTOS
     from harness.zoo.tokenizer import save_world_tokenizer
 
     dev = torch.device(device)
@@ -780,7 +771,7 @@ def train_sd(
     stage = _diffusion_stage("sd", work, seed, steps, lr, ema_decay, {"unet": unet, "text": text_encoder})
     model = Denoiser(unet, text_encoder, tokenizer, arch.build_scheduler(), dev, train_text=True)
     rng = np.random.default_rng(derive_seed(seed, f"zoo/sd/captions/{stage.start}"))
-    data = world_data(TRAIN_ARTISTS, per_pair=40, crops_per_photo=120, seed=seed)
+    data = world_data(TRAIN_ARTISTS, 40, 120, seed, size=arch.RESOLUTION, photos=TRAIN_PHOTOS)
     stage.t0 = time.time()
     means, stds = _encode_all(vae, data.images)
     encode_s = time.time() - stage.t0
@@ -799,6 +790,8 @@ def train_sd(
         "latents_with_flips": 2 * len(data),
         "encode_seconds": round(encode_s, 1),
         "artists": list(TRAIN_ARTISTS),
+        "train_photos": list(TRAIN_PHOTOS),
+        "image_px": arch.RESOLUTION,
         "caption_dropout": CAPTION_DROPOUT,
         "min_snr_gamma": MIN_SNR_GAMMA,
     }
@@ -836,11 +829,13 @@ def random_masks(n: int, size: int, gen: torch.Generator, full: float = 0.25) ->
 
 
 def _inpaint_unet(base: Any, dev: torch.device) -> Any:
-    """A 9-channel UNet with the weights of the 4-channel ``base``; the 5 extra input channels start at zero."""
-    unet = arch.build_unet(in_channels=9).to(dev)
+    """An inpainting UNet (:data:`~harness.zoo.architectures.INPAINT_IN_CHANNELS` inputs) with the weights of
+    ``base``; the extra input channels (mask, masked-image latents) start at zero."""
+    unet = arch.build_unet(in_channels=arch.INPAINT_IN_CHANNELS).to(dev)
     state = base.state_dict()
     w = state["conv_in.weight"]
-    state["conv_in.weight"] = torch.cat([w, torch.zeros(w.shape[0], 5, *w.shape[2:])], dim=1)
+    extra = arch.INPAINT_IN_CHANNELS - w.shape[1]
+    state["conv_in.weight"] = torch.cat([w, torch.zeros(w.shape[0], extra, *w.shape[2:])], dim=1)
     unet.load_state_dict(state)
     return unet
 
@@ -872,8 +867,10 @@ def train_inpaint(
     ema_decay: float = 0.995,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """Train ``tiny-sd-inpaint`` from the ``tiny-sd`` UNet (text encoder and VAE frozen, shared)."""
+    """Train ``tiny-sd-inpaint`` from the ``tiny-sd`` UNet (text encoder and VAE frozen, shared), at 128 px."""
     from diffusers import StableDiffusionPipeline
+
+    from harness.data import TRAIN_PHOTOS
 
     dev = torch.device(device)
     base = StableDiffusionPipeline.from_pretrained(work / "tiny-sd", dtype=torch.float32)
@@ -883,7 +880,7 @@ def train_inpaint(
     stage = _diffusion_stage("inpaint", work, seed, steps, lr, ema_decay, {"unet": unet}, warmup=50, save_every=200)
     model = Denoiser(unet, text_encoder, base.tokenizer, arch.build_scheduler(), dev, train_text=False)
     rng = np.random.default_rng(derive_seed(seed, f"zoo/inpaint/captions/{stage.start}"))
-    data = world_data(TRAIN_ARTISTS, per_pair=40, crops_per_photo=120, seed=seed)
+    data = world_data(TRAIN_ARTISTS, 40, 120, seed, size=arch.RESOLUTION, photos=TRAIN_PHOTOS)
     stage.t0 = time.time()
     unet.train()
 
@@ -895,8 +892,10 @@ def train_inpaint(
     save_sd_pipeline(work / "tiny-sd-inpaint", vae, text_encoder, base.tokenizer, stage.saved["ema"], inpaint=True)
     extra = {
         "ema_decay": ema_decay,
-        "init": "tiny-sd UNet, 5 extra input channels zero-initialised",
+        "init": f"tiny-sd UNet, {arch.INPAINT_IN_CHANNELS - arch.LATENT_CHANNELS} extra input channels zero-initialised",
         "full_mask_fraction": 0.25,
         "train_images": len(data),
+        "train_photos": list(TRAIN_PHOTOS),
+        "image_px": arch.RESOLUTION,
     }
     return _write_record(work, stage, seed, batch, dev, **extra)
