@@ -259,3 +259,16 @@ def test_posted_split_is_disjoint_and_its_reference_set_is_the_eval_split():
     posted = ProceduralArt(artists=["cyanora"], subjects=["sun"], per_pair=2, size=32, split="posted")
     assert np.array_equal(posted.held_out().to_uint8(), sets["eval"].to_uint8())
     assert posted.load().ids[0] == "cyanora/sun/posted-0000"
+
+
+def test_card_edit_response_uses_the_configured_img2img_edit():
+    """The tiny-sd card measures the edit that experiments/mimic/img2img.yaml configures (instantiated at run
+    time: the core package imports no component package)."""
+    from omegaconf import OmegaConf
+
+    from finetune.editing import Img2ImgEdit
+    from harness.zoo.evaluate import IMG2IMG_MIMIC_CONFIG, img2img_edit
+
+    edit = img2img_edit()
+    assert isinstance(edit, Img2ImgEdit)
+    assert edit.strength == OmegaConf.load(IMG2IMG_MIMIC_CONFIG).strength

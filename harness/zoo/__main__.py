@@ -224,11 +224,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         _save_figures("tiny-clip", {"evaluation": {**figures, **stamp, "seconds": round(time.time() - t0, 1)}})
     clf = style_classifier(clip)
     if "tiny-sd" in args.models:
-        spec = ModelSpec(source="tiny-sd", resolution=64)
+        from harness.protocols import Context
+        from harness.zoo import architectures as arch
+
+        spec = ModelSpec(source="tiny-sd", resolution=arch.RESOLUTION)
         t2i = load_pipeline(spec, "text2img", args.device)
         sd: dict[str, Any] = {**stamp}
-        sd["vae_reconstruction"] = ev.evaluate_vae(t2i.vae)
-        print("vae", json.dumps(sd["vae_reconstruction"]), flush=True)
         sd["text2img"], samples = ev.evaluate_text2img(t2i, clf)
         print("text2img", json.dumps(sd["text2img"]), flush=True)
         from harness.world import ARTISTS, SUBJECTS
@@ -238,12 +239,19 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         save_grid(first, len(ARTISTS), out / "tiny-sd-text2img.png", labels=list(ARTISTS))
         sd["img2img"] = ev.evaluate_img2img(load_pipeline(spec, "img2img", args.device), clf)
         print("img2img", json.dumps(sd["img2img"]), flush=True)
+        ctx = Context(device=args.device, batch_size=4, model=spec)
+        sd["edit_response"] = ev.edit_response(ev.img2img_edit(), ev.held_out_photos(arch.RESOLUTION), ctx)
+        print("edit response", json.dumps(sd["edit_response"]), flush=True)
         if not args.skip_lora:
-            sd["lora_positive_control"] = ev.evaluate_lora(t2i, clf, steps=args.lora_steps)
+            sd["lora_positive_control"] = ev.evaluate_lora(
+                t2i, clf, steps=args.lora_steps, finetune_seeds=args.lora_seeds
+            )
             print("lora", json.dumps(sd["lora_positive_control"]), flush=True)
         _save_figures("tiny-sd", {"evaluation": sd})
     if "tiny-sd-inpaint" in args.models:
-        spec = ModelSpec(source="tiny-sd-inpaint", resolution=64)
+        from harness.zoo import architectures as arch
+
+        spec = ModelSpec(source="tiny-sd-inpaint", resolution=arch.RESOLUTION)
         figures = ev.evaluate_inpaint(load_pipeline(spec, "inpaint", args.device), clf)
         print("inpaint", json.dumps(figures), flush=True)
         _save_figures("tiny-sd-inpaint", {"evaluation": {**figures, **stamp}})
@@ -283,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--skip-lora", action="store_true")
     p.add_argument("--lora-steps", type=int, default=400)
+    p.add_argument("--lora-seeds", type=int, default=3, help="finetune seeds of the LoRA positive control")
     p.add_argument("--grids", default="docs/zoo", help="folder for the sample grids")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("cards", help="rewrite the model cards")

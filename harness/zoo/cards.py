@@ -53,8 +53,8 @@ _ABOUT["tiny-vae"] = (
     "KL weight of 1e-6, and a hinge-loss PatchGAN discriminator after a warm-up, with SD's adaptive weight.\n\n"
     "**Data.** It is a general-purpose component, as SD's autoencoder is: it trained on the training split of "
     "every artist (the held-out artists' too) and crops of the training photos; never on an image of the "
-    "evaluation split and never on a held-out photo (skimage astronaut, chelsea, coffee, rocket), which "
-    "evaluations, mimics and edits use. The UNets and the text encoder never see the held-out artists.\n\n"
+    "`eval` split (evaluations), of the `posted` split (the artworks mimics finetune on and defenses protect) "
+    "or a held-out photo (skimage astronaut, chelsea, coffee, rocket; the edits' images). The UNets and the text encoder never see the held-out artists.\n\n"
     "It becomes tiny-sd's and tiny-sd-inpaint's VAE when they are retrained at 128 px (issue 16); until then "
     "the shipped pipelines keep their 64 px VAE. Loads with `AutoencoderKL.from_pretrained(<this folder>)`."
 )
@@ -170,10 +170,12 @@ def card(model: str) -> str:
         lines += _table(rows)
     else:
         lines.append("Not measured yet: run `python -m harness.zoo evaluate`.")
+    at = lines.index("## Measured quality") + 2
     if model == "tiny-vae":
-        lines[lines.index("## Measured quality") + 2 : lines.index("## Measured quality") + 2] = _autoencoder_targets(
-            figures
-        )
+        lines[at:at] = _autoencoder_targets(figures)
+    elif model in ("tiny-sd", "tiny-sd-inpaint"):
+        head = ["### Targets of the embedded world v2", "", "| target | measured | |", "|---|---|---|"]
+        lines[at:at] = [*head, *_unet_targets(), "", "The autoencoder's targets are on tiny-vae's card.", ""]
     lines += ["", "## Files", "", f"fp16 safetensors, {_weights_mb(folder):.1f} MB in all.", ""]
     return "\n".join(lines)
 
@@ -215,12 +217,7 @@ def _autoencoder_targets(figures: dict[str, Any]) -> list[str]:
         f"| uniform noise of the same budget closes <= {NOISE_CLOSED_MAX:.0%} | "
         f"{noise if noise is not None else '-'} | {_met(None if noise is None else noise <= NOISE_CLOSED_MAX)} |"
     )
-    rows += [
-        "| edit response (same-seed edit SSIM as the latent moves 0-100% to the target) | needs the 128 px UNet "
-        "| not measured |",
-        "| LoRA positive control >= 0.9 over 3 finetune seeds | needs the 128 px UNet | not measured |",
-        "| inpainting keeps the unmasked region >= 25 dB | needs the 128 px inpainting UNet | not measured |",
-    ]
+    rows += _unet_targets()
     attack = sus.get("attack")
     notes = (
         [
@@ -231,6 +228,60 @@ def _autoencoder_targets(figures: dict[str, Any]) -> list[str]:
         else []
     )
     return ["### Targets", "", *rows, "", *notes, ""]
+
+
+def _figures(model: str) -> dict[str, Any]:
+    path = ZOO / model / "figures.json"
+    return json.loads(path.read_text()).get("evaluation", {}) if path.is_file() else {}
+
+
+def _unet_targets() -> list[str]:
+    """The rows of the world v2 targets that the 128 px UNets' figures (tiny-sd, tiny-sd-inpaint) answer."""
+    from harness.zoo.evaluate import (
+        INPAINT_KEEP_TARGET_DB,
+        LORA_CONTROL_SECONDS,
+        LORA_CONTROL_SEEDS,
+        LORA_CONTROL_TARGET,
+        lora_control_met,
+    )
+
+    sd, inpaint = _figures("tiny-sd"), _figures("tiny-sd-inpaint")
+    rows = []
+    edit = sd.get("edit_response")
+    if edit:
+        moved = ", ".join(f"{f}: {v}" for f, v in edit["fractions"].items())
+        rows.append(
+            "| edit response: same-seed edit SSIM to the clean edit as the latent moves that share of the way to "
+            f"the encoder attack's target (held-out photos, {edit['size_px']} px) | {moved}; seed floor "
+            f"{edit['seed_floor']} | measured (no threshold: read it beside the seed floor) |"
+        )
+    else:
+        rows.append("| edit response (same-seed edit SSIM as the latent moves 0-100% to the target) | | not measured |")
+    control = sd.get("lora_positive_control", {})
+    artists = [a for a, v in control.items() if isinstance(v, dict) and "accuracy_after_per_finetune_seed" in v]
+    for a in artists or ["(held-out artists)"]:
+        row = control.get(a, {})
+        value = (
+            f"{a}: mean {row['accuracy_after']} (per seed {row['accuracy_after_per_finetune_seed']}), "
+            f"longest finetune {max(row['train_seconds_per_finetune_seed'])} s"
+            if row
+            else ""
+        )
+        rows.append(
+            f"| LoRA positive control >= {LORA_CONTROL_TARGET:g} style match over {LORA_CONTROL_SEEDS} finetune "
+            f"seeds, each within {LORA_CONTROL_SECONDS // 60} CPU minutes | {value} | "
+            f"{_met(lora_control_met(control, a) if row else None)} |"
+        )
+    from harness.zoo.architectures import RESOLUTION
+
+    at_size = inpaint.get("mask", "").endswith(f"{RESOLUTION}x{RESOLUTION}")  # not the 64 px world's figure
+    keep = inpaint.get("border_psnr_db") if at_size else None
+    value = "" if keep is None else f"{keep} dB ({inpaint['mask']})"
+    ok = None if keep is None else keep >= INPAINT_KEEP_TARGET_DB
+    rows.append(
+        f"| tiny-sd-inpaint keeps the unmasked region >= {INPAINT_KEEP_TARGET_DB:g} dB | {value} | {_met(ok)} |"
+    )
+    return rows
 
 
 def write_all() -> None:

@@ -5,8 +5,10 @@ Every figure here is computed on the ``"eval"`` split (images no model saw in tr
 model cards. Style judgements use tiny-clip's zero-shot style classifier over all 13 artists (chance 1/13).
 
 - tiny-clip: zero-shot style accuracy (per artist and overall).
-- tiny-sd: style accuracy of text-to-image samples for "<subject> in the style of <artist>"; VAE reconstruction
-  PSNR; img2img toward another artist's style; the LoRA positive control on held-out artists.
+- tiny-vae: reconstruction PSNR per artist and per held-out photo; the encoder attack's reach beside noise.
+- tiny-sd: style accuracy of text-to-image samples for "<subject> in the style of <artist>"; img2img toward
+  another artist's style; the edit response (does a latent shift reach the edit?); the LoRA positive control
+  on the held-out artists' posted artworks, over several finetune seeds.
 - tiny-sd-inpaint: a centre square is repainted with a prompt naming another artist; the repainted square is
   classified by tiny-clip (is it in the prompted style?), and the unmasked border is compared with the input.
 """
@@ -37,6 +39,7 @@ from harness.world import (
     WorldPhotos,
     artwork_caption,
 )
+from harness.zoo import architectures as arch
 
 #: sampling settings used for every figure (DDIM steps and classifier-free guidance).
 SAMPLE_STEPS = 30
@@ -44,6 +47,15 @@ GUIDANCE = 5.0
 
 #: the LoRA mimic's Hydra config: its ``_target_`` names the module whose ``train_lora`` the positive control runs
 LORA_MIMIC_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "mimic" / "lora.yaml"
+#: the img2img edit's Hydra config: the edit whose response to a latent shift the tiny-sd card measures
+IMG2IMG_MIMIC_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "mimic" / "img2img.yaml"
+
+#: issue 16's targets for the 128 px models: the LoRA positive control's mean style match over its finetune
+#: seeds, the CPU seconds one finetune may take, and the inpainting model's unmasked-region PSNR
+LORA_CONTROL_TARGET = 0.9
+LORA_CONTROL_SECONDS = 600
+LORA_CONTROL_SEEDS = 3
+INPAINT_KEEP_TARGET_DB = 25.0
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -84,7 +96,7 @@ def generate(
 
 
 def eval_art(
-    artists: Sequence[str], per_pair: int, seed: int = 0, size: int = 64
+    artists: Sequence[str], per_pair: int, seed: int = 0, size: int = arch.RESOLUTION
 ) -> tuple[ImageSet, list[str], list[str]]:
     """Fresh artworks of ``artists`` with their artist and subject labels."""
     art = ProceduralArt(artists=list(artists), per_pair=per_pair, seed=seed, split="eval", size=size).load()
@@ -125,33 +137,6 @@ def evaluate_clip(clip: ClipModel, per_pair: int = 5) -> dict[str, Any]:
         "photo_images": len(photos),
         "photo_classes": len(captions),
     }
-
-
-@torch.no_grad()
-def evaluate_vae(vae: Any, per_pair: int = 2) -> dict[str, Any]:
-    """Reconstruction PSNR (encode to the posterior mean, decode) on fresh images, by group."""
-    train, train_who, _ = eval_art(TRAIN_ARTISTS, per_pair)
-    held, held_who, _ = eval_art(HELD_OUT_ARTISTS, per_pair)
-    groups: dict[str, tuple[torch.Tensor, list[str] | None]] = {
-        "train_artists": (train.images, train_who),
-        "held_out_artists": (held.images, held_who),
-        "photos": (WorldPhotos(crops_per_photo=4, split="eval").load().images, None),
-    }
-    out: dict[str, Any] = {}
-    for name, (x, who) in groups.items():
-        rec = []
-        for i in range(0, x.shape[0], 64):
-            xb = x[i : i + 64].to(vae.device, vae.dtype) * 2 - 1
-            rec.append(((vae.decode(vae.encode(xb).latent_dist.mean).sample.float().cpu() + 1) / 2).clamp(0, 1))
-        psnr = _psnr(torch.cat(rec), x)
-        out[name] = {
-            "psnr_db_mean": round(float(psnr.mean()), 2),
-            "psnr_db_min": round(float(psnr.min()), 2),
-            "images": int(x.shape[0]),
-        }
-        if who is not None:  # which artists pull the mean down
-            out[name]["psnr_db_mean_per_artist"] = _mean_per_artist(psnr.tolist(), who, 2)
-    return out
 
 
 # --------------------------------------------------------------------------- tiny-vae (embedded world v2)
@@ -342,6 +327,14 @@ def edit_response(
     return out
 
 
+def img2img_edit() -> Any:
+    """The img2img edit configured in :data:`IMG2IMG_MIMIC_CONFIG`, instantiated at run time (the core package
+    imports no component package)."""
+    from hydra.utils import instantiate
+
+    return instantiate(OmegaConf.load(IMG2IMG_MIMIC_CONFIG))
+
+
 def evaluate_text2img(
     pipe: Any, clf: ZeroShotClassifier, seeds: int = 2, seed: int = 0
 ) -> tuple[dict[str, Any], torch.Tensor]:
@@ -371,7 +364,7 @@ def evaluate_text2img(
 
 def evaluate_img2img(pipe: Any, clf: ZeroShotClassifier, strength: float = 0.7, seed: int = 0) -> dict[str, Any]:
     """img2img of fresh artworks (training artists) with a prompt naming the next training artist."""
-    art, who, what = eval_art(TRAIN_ARTISTS, 1)
+    art, who, what = eval_art(TRAIN_ARTISTS, 1, size=int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor))
     targets = [TRAIN_ARTISTS[(TRAIN_ARTISTS.index(a) + 1) % len(TRAIN_ARTISTS)] for a in who]
     prompts = [artwork_caption(s, t) for s, t in zip(what, targets, strict=False)]
     edited = generate(pipe, prompts, seed, image=art.images, strength=strength)
@@ -394,14 +387,16 @@ def centre_mask(size: int, side: int) -> torch.Tensor:
     return m
 
 
-def evaluate_inpaint(pipe: Any, clf: ZeroShotClassifier, side: int = 44, seed: int = 0) -> dict[str, Any]:
-    """Repaint the centre square of fresh artworks with a prompt naming the same or another training artist.
+def evaluate_inpaint(pipe: Any, clf: ZeroShotClassifier, side: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """Repaint the centre square (``side`` px; default 11/16 of the model's side) of fresh artworks with a
+    prompt naming the same or another training artist.
 
     The repainted square (cropped and resized to the model size) is classified by tiny-clip; the border
     (outside the mask) is compared with the input by PSNR.
     """
-    art, who, what = eval_art(TRAIN_ARTISTS, 1)
-    size = art.images.shape[-1]
+    size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    side = side or size * 11 // 16
+    art, who, what = eval_art(TRAIN_ARTISTS, 1, size=size)
     mask = centre_mask(size, side).expand(len(art), 1, size, size).contiguous()
     o = (size - side) // 2
 
@@ -456,47 +451,74 @@ def evaluate_lora(
     rank: int = 8,
     lr: float = 3e-3,
     seeds: int = 4,
+    finetune_seeds: int = LORA_CONTROL_SEEDS,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The mimicry positive control: LoRA on ``train_images`` artworks of each held-out artist.
+    """The mimicry positive control: LoRA on ``train_images`` posted artworks of each held-out artist, repeated
+    with ``finetune_seeds`` finetune seeds.
 
     Style accuracy of "<subject> in the style of <artist>" samples (every subject, ``seeds`` each) before and
-    after finetuning. Training images cover the first 8 subjects (2 each); the last 2 subjects are unseen.
+    after each finetune. Training images are the ``posted`` split (no shipped model saw them) of the first 8
+    subjects (``train_images // 8`` each); the last 2 subjects are unseen. The samples use the same seeds for
+    every finetune, so the seeds' spread is the finetune's.
     """
     train_lora = lora_finetune()
+    size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    subjects_of = [s for s in SUBJECTS for _ in range(seeds)]
     out: dict[str, Any] = {}
     for a in artists:
         per = max(1, train_images // 8)
         train = ProceduralArt(
-            artists=[a], subjects=list(SUBJECTS[:8]), per_pair=per, seed=seed, split="train", template=0
+            artists=[a], subjects=list(SUBJECTS[:8]), per_pair=per, seed=seed, split="posted", size=size, template=0
         ).load()
-        prompts = [artwork_caption(s, a) for s in SUBJECTS for _ in range(seeds)]
-        before = generate(pipe, prompts, derive_seed(seed, f"lora/{a}"))
-        t0 = time.time()
-        tuned, record = train_lora(pipe, train, rank=rank, steps=steps, lr=lr, seed=derive_seed(seed, f"lora/{a}"))
-        seconds = time.time() - t0
-        after = generate(tuned, prompts, derive_seed(seed, f"lora/{a}"))
-        acc_before = float(np.mean([p == a for p in clf.predict(before)]))
-        acc_after = float(np.mean([p == a for p in clf.predict(after)]))
-        unseen = [
-            p == a
-            for p, s in zip(clf.predict(after), [s for s in SUBJECTS for _ in range(seeds)], strict=False)
-            if s in SUBJECTS[8:]
-        ]
+        prompts = [artwork_caption(s, a) for s in subjects_of]
+        sample_seed = derive_seed(seed, f"lora/{a}")
+        acc_before = float(np.mean([p == a for p in clf.predict(generate(pipe, prompts, sample_seed))]))
+        after, unseen, seconds, losses = [], [], [], []
+        for k in range(finetune_seeds):
+            t0 = time.time()
+            tuned, record = train_lora(
+                pipe, train, rank=rank, steps=steps, lr=lr, seed=derive_seed(seed, f"lora/{a}/{k}")
+            )
+            seconds.append(round(time.time() - t0, 1))
+            pred = clf.predict(generate(tuned, prompts, sample_seed))
+            after.append(round(float(np.mean([p == a for p in pred])), 4))
+            unseen.append(
+                round(float(np.mean([p == a for p, s in zip(pred, subjects_of, strict=True) if s in SUBJECTS[8:]])), 4)
+            )
+            losses.append(round(record["final_loss"], 4))
         out[a] = {
             "accuracy_before": round(acc_before, 4),
-            "accuracy_after": round(acc_after, 4),
-            "accuracy_after_unseen_subjects": round(float(np.mean(unseen)), 4),
-            "train_seconds": round(seconds, 1),
+            "accuracy_after": round(float(np.mean(after)), 4),
+            "accuracy_after_per_finetune_seed": after,
+            "accuracy_after_unseen_subjects_per_finetune_seed": unseen,
+            "train_seconds_per_finetune_seed": seconds,
             "trainable_params": record["trainable_params"],
-            "final_loss": round(record["final_loss"], 4),
+            "final_loss_per_finetune_seed": losses,
         }
     out["settings"] = {
         "train_images": train_images,
+        "split": "posted",
+        "size_px": size,
         "steps": steps,
         "rank": rank,
         "lr": lr,
+        "finetune_seeds": finetune_seeds,
         "samples_per_artist": len(SUBJECTS) * seeds,
         "threads": torch.get_num_threads(),
     }
     return out
+
+
+def lora_control_met(control: dict[str, Any], artist: str) -> bool | None:
+    """Whether the positive control on ``artist`` meets the target: mean style match over its finetune seeds
+    >= :data:`LORA_CONTROL_TARGET` from at least :data:`LORA_CONTROL_SEEDS` seeds, each finetune within
+    :data:`LORA_CONTROL_SECONDS` (None when not measured)."""
+    row = control.get(artist)
+    if not isinstance(row, dict) or "accuracy_after_per_finetune_seed" not in row:
+        return None
+    return (
+        len(row["accuracy_after_per_finetune_seed"]) >= LORA_CONTROL_SEEDS
+        and row["accuracy_after"] >= LORA_CONTROL_TARGET
+        and max(row["train_seconds_per_finetune_seed"]) <= LORA_CONTROL_SECONDS
+    )
