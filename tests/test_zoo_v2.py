@@ -272,3 +272,26 @@ def test_card_edit_response_uses_the_configured_img2img_edit():
     edit = img2img_edit()
     assert isinstance(edit, Img2ImgEdit)
     assert edit.strength == OmegaConf.load(IMG2IMG_MIMIC_CONFIG).strength
+
+
+def test_inpaint_training_inputs_match_the_pipeline_for_flipped_copies(toy_world):
+    """The inpainting stage pre-encodes the images and their mirror images; an index >= N is the mirror image,
+    and its masked-image latents are what the inpainting pipeline computes for that mirrored image and mask."""
+    from harness.diffusion import masked_image_latents
+    from harness.models import ModelSpec, load_pipeline
+
+    train = toy_world
+    vae = load_pipeline(ModelSpec(source="tiny-random", resolution=32), "text2img").vae
+    data = train.world_data(("cyanora",), 1, 1, 0, size=32)
+    n = len(data)
+    latents = train._encode_all(vae, data.images)
+    idx = torch.tensor([0, n])
+    z, (mask_lat, masked) = train._inpaint_inputs(
+        vae, data, latents, idx, torch.Generator().manual_seed(0), torch.device("cpu")
+    )
+    mask = train.random_masks(2, 32, torch.Generator().manual_seed(0))  # the same draws: the mask comes first
+    image = train.to_float(data.images[:1])
+    both = torch.cat([image, image.flip(-1)])
+    assert torch.allclose(masked, masked_image_latents(vae, both, mask), atol=1e-5)
+    assert mask_lat.shape == (2, 1, *z.shape[-2:]) and z.shape == masked.shape
+    assert not torch.allclose(masked[0], masked[1])  # the mirror image is not the image

@@ -841,20 +841,27 @@ def _inpaint_unet(base: Any, dev: torch.device) -> Any:
 
 
 def _inpaint_inputs(
-    vae: Any, data: WorldData, idx: torch.Tensor, gen: torch.Generator, dev: torch.device
+    vae: Any,
+    data: WorldData,
+    latents: tuple[torch.Tensor, torch.Tensor],
+    idx: torch.Tensor,
+    gen: torch.Generator,
+    dev: torch.device,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Scaled latents of the images ``idx`` (randomly flipped; a posterior sample) and the UNet's extra channels
-    for a random mask: the mask at latent size and the masked image's latents (posterior mean), built as the
-    inpainting pipeline builds them (:mod:`harness.diffusion`)."""
-    images = to_float(data.images[idx])
-    if torch.rand((), generator=gen) < 0.5:
-        images = images.flip(-1)
+    """Scaled latents of the images ``idx`` (indices into the images and their mirror images, as
+    :func:`_encode_all` returns ``latents``: a posterior sample) and the UNet's extra channels for a random
+    mask: the mask at latent size and the masked image's latents (posterior mean), built as the inpainting
+    pipeline builds them (:mod:`harness.diffusion`). Only the masked images pass through the encoder here."""
+    n = len(data)
+    images = to_float(data.images[idx % n])
+    flipped = idx >= n
+    images[flipped] = images[flipped].flip(-1)
     mask = random_masks(len(idx), images.shape[-1], gen)
-    with torch.no_grad():
-        both = vae.encode(torch.cat([images * 2 - 1, masked_image(images, mask)]).to(dev)).latent_dist
-        z_all = both.mean + both.std * torch.randn(both.mean.shape, generator=gen).to(dev)
+    means, stds = latents
     scale = vae.config.scaling_factor
-    z, masked = z_all[: len(idx)] * scale, both.mean[len(idx) :] * scale
+    z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)).to(dev) * scale
+    with torch.no_grad():
+        masked = vae.encode(masked_image(images, mask).to(dev)).latent_dist.mean * scale
     return z, (inpaint_mask_latent(vae, mask, *images.shape[-2:]).to(dev), masked)
 
 
@@ -882,13 +889,14 @@ def train_inpaint(
     rng = np.random.default_rng(derive_seed(seed, f"zoo/inpaint/captions/{stage.start}"))
     data = world_data(TRAIN_ARTISTS, 40, 120, seed, size=arch.RESOLUTION, photos=TRAIN_PHOTOS)
     stage.t0 = time.time()
+    latents = _encode_all(vae, data.images)
     unet.train()
 
     def step_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        z, channels = _inpaint_inputs(vae, data, idx, stage.gen, dev)
+        z, channels = _inpaint_inputs(vae, data, latents, idx, stage.gen, dev)
         return _denoising_loss(model, data, idx, z, rng, stage.gen, channels)
 
-    _train(stage, _batches(len(data), batch, stage.gen), step_loss)
+    _train(stage, _batches(2 * len(data), batch, stage.gen), step_loss)
     save_sd_pipeline(work / "tiny-sd-inpaint", vae, text_encoder, base.tokenizer, stage.saved["ema"], inpaint=True)
     extra = {
         "ema_decay": ema_decay,
