@@ -33,7 +33,7 @@ def test_shipped_weights_are_fp16_and_under_40_mb():
 
     files = sorted(ZOO.rglob("*.safetensors"))
     names = {f.relative_to(ZOO).parts[0] for f in files}
-    assert names == {"tiny-sd", "tiny-sd-inpaint", "tiny-clip"}
+    assert names == {"tiny-vae", "tiny-sd", "tiny-sd-inpaint", "tiny-clip"}
     assert sum(f.stat().st_size for f in files) < 40 * 2**20
     for f in files:
         with safe_open(str(f), "pt") as st:
@@ -41,7 +41,7 @@ def test_shipped_weights_are_fp16_and_under_40_mb():
         assert dtypes <= {"F16", "I64"}, (f, dtypes)
 
 
-@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sd-inpaint", "tiny-clip"])
+@pytest.mark.parametrize("model", ["tiny-vae", "tiny-sd", "tiny-sd-inpaint", "tiny-clip"])
 def test_model_cards_carry_training_record_and_measured_figures(model):
     folder = ZOO / model
     card = (folder / "README.md").read_text()

@@ -295,3 +295,20 @@ def test_inpaint_training_inputs_match_the_pipeline_for_flipped_copies(toy_world
     assert torch.allclose(masked, masked_image_latents(vae, both, mask), atol=1e-5)
     assert mask_lat.shape == (2, 1, *z.shape[-2:]) and z.shape == masked.shape
     assert not torch.allclose(masked[0], masked[1])  # the mirror image is not the image
+
+
+def test_shipped_tiny_vae_loads_and_reconstructs_a_held_out_photo():
+    """The shipped world v2 autoencoder: 128 px to 16 x 16 x 16 latents and back; on a held-out photo (never
+    trained on) it reconstructs far better than a flat image would (the card has the measured figures)."""
+    from diffusers import AutoencoderKL
+
+    from harness.zoo.evaluate import _psnr, held_out_photos
+
+    vae = AutoencoderKL.from_pretrained(ZOO / "tiny-vae", torch_dtype=torch.float32).eval()
+    x = held_out_photos(128).select(slice(0, 1)).images
+    with torch.no_grad():
+        z = vae.encode(x * 2 - 1).latent_dist.mean
+        rec = ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
+    assert z.shape == (1, 16, 16, 16)
+    flat = x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+    assert float(_psnr(rec, x)[0]) > float(_psnr(flat, x)[0]) + 5

@@ -159,7 +159,9 @@ class Progress:
 
 
 def _autocast(device: torch.device) -> Any:
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    """bf16 autocast on CUDA; none on CPU, where a CPU without native bf16 (no AVX512-BF16 or AMX) emulates it:
+    measured 2.5x slower than float32 for a tiny-sd UNet step on this project's 2-core Xeon."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 class EMA:
