@@ -206,6 +206,7 @@ def _evaluate_autoencoder(args: argparse.Namespace, stamp: dict[str, Any]) -> No
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from harness.metrics.clip import load_clip, style_classifier
     from harness.models import ModelSpec, load_pipeline
+    from harness.zoo import architectures as arch
     from harness.zoo import evaluate as ev
 
     torch.set_num_threads(args.threads)
@@ -225,7 +226,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     clf = style_classifier(clip)
     if "tiny-sd" in args.models:
         from harness.protocols import Context
-        from harness.zoo import architectures as arch
 
         spec = ModelSpec(source="tiny-sd", resolution=arch.RESOLUTION)
         t2i = load_pipeline(spec, "text2img", args.device)
@@ -249,8 +249,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             print("lora", json.dumps(sd["lora_positive_control"]), flush=True)
         _save_figures("tiny-sd", {"evaluation": sd})
     if "tiny-sd-inpaint" in args.models:
-        from harness.zoo import architectures as arch
-
         spec = ModelSpec(source="tiny-sd-inpaint", resolution=arch.RESOLUTION)
         figures = ev.evaluate_inpaint(load_pipeline(spec, "inpaint", args.device), clf)
         print("inpaint", json.dumps(figures), flush=True)

@@ -95,6 +95,11 @@ def generate(
     return torch.cat(out)
 
 
+def pipeline_side(pipe: Any) -> int:
+    """The image side a latent diffusion pipeline was built for: its UNet's latent side times the VAE's factor."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
 def eval_art(
     artists: Sequence[str], per_pair: int, seed: int = 0, size: int = arch.RESOLUTION
 ) -> tuple[ImageSet, list[str], list[str]]:
@@ -364,7 +369,7 @@ def evaluate_text2img(
 
 def evaluate_img2img(pipe: Any, clf: ZeroShotClassifier, strength: float = 0.7, seed: int = 0) -> dict[str, Any]:
     """img2img of fresh artworks (training artists) with a prompt naming the next training artist."""
-    art, who, what = eval_art(TRAIN_ARTISTS, 1, size=int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor))
+    art, who, what = eval_art(TRAIN_ARTISTS, 1, size=pipeline_side(pipe))
     targets = [TRAIN_ARTISTS[(TRAIN_ARTISTS.index(a) + 1) % len(TRAIN_ARTISTS)] for a in who]
     prompts = [artwork_caption(s, t) for s, t in zip(what, targets, strict=False)]
     edited = generate(pipe, prompts, seed, image=art.images, strength=strength)
@@ -394,7 +399,7 @@ def evaluate_inpaint(pipe: Any, clf: ZeroShotClassifier, side: int | None = None
     The repainted square (cropped and resized to the model size) is classified by tiny-clip; the border
     (outside the mask) is compared with the input by PSNR.
     """
-    size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    size = pipeline_side(pipe)
     side = side or size * 11 // 16
     art, who, what = eval_art(TRAIN_ARTISTS, 1, size=size)
     mask = centre_mask(size, side).expand(len(art), 1, size, size).contiguous()
@@ -463,7 +468,7 @@ def evaluate_lora(
     every finetune, so the seeds' spread is the finetune's.
     """
     train_lora = lora_finetune()
-    size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    size = pipeline_side(pipe)
     subjects_of = [s for s in SUBJECTS for _ in range(seeds)]
     out: dict[str, Any] = {}
     for a in artists:
