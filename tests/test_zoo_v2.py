@@ -297,6 +297,41 @@ def test_inpaint_training_inputs_match_the_pipeline_for_flipped_copies(toy_world
     assert not torch.allclose(masked[0], masked[1])  # the mirror image is not the image
 
 
+def test_encoded_latents_are_kept_per_images_and_vae(tmp_path, monkeypatch):
+    """The posterior of every training image is kept in the work folder under a digest of the images and the
+    VAE: the same pair reads the file; another VAE encodes afresh."""
+    import harness.zoo.train as train
+    from harness.models import ModelSpec, load_pipeline
+
+    vae = load_pipeline(ModelSpec(source="tiny-random", resolution=32), "text2img").vae
+    images = (torch.rand(3, 3, 32, 32) * 255).to(torch.uint8)
+    means, stds = train._encoded(tmp_path, vae, images)
+    assert means.shape[0] == 6 and torch.equal(means, train._encode_all(vae, images)[0])
+    calls = []
+    monkeypatch.setattr(train, "_encode_all", lambda v, x: calls.append(1) or (means, stds))
+    again = train._encoded(tmp_path, vae, images)
+    assert calls == [] and torch.equal(again[0], means) and torch.equal(again[1], stds)
+    with torch.no_grad():
+        next(vae.parameters()).add_(1e-3)
+    train._encoded(tmp_path, vae, images)
+    assert calls == [1]
+
+
+def test_rendered_world_data_is_kept_and_read_back(tmp_path, monkeypatch):
+    """A following stage reads the rendered training set from the work folder instead of rendering it again;
+    other arguments render afresh."""
+    import harness.zoo.train as train
+
+    first = train.rendered_world_data(tmp_path, ("cyanora",), 1, 1, 0, size=32, photos=("skimage/camera",))
+    calls = []
+    monkeypatch.setattr(train, "world_data", lambda *a, **k: calls.append(a) or first)
+    again = train.rendered_world_data(tmp_path, ("cyanora",), 1, 1, 0, size=32, photos=("skimage/camera",))
+    assert calls == [] and len(list((tmp_path / "world_data").glob("*.pt"))) == 1
+    assert torch.equal(again.images, first.images) and again.who == first.who and again.what == first.what
+    train.rendered_world_data(tmp_path, ("cyanora",), 1, 1, 1, size=32, photos=("skimage/camera",))
+    assert len(calls) == 1
+
+
 def test_shipped_tiny_vae_loads_and_reconstructs_a_held_out_photo():
     """The shipped world v2 autoencoder: 128 px to 16 x 16 x 16 latents and back; on a held-out photo (never
     trained on) it reconstructs far better than a flat image would (the card has the measured figures)."""

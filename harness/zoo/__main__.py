@@ -244,7 +244,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print("edit response", json.dumps(sd["edit_response"]), flush=True)
         if not args.skip_lora:
             sd["lora_positive_control"] = ev.evaluate_lora(
-                t2i, clf, steps=args.lora_steps, finetune_seeds=args.lora_seeds
+                t2i, clf, artists=args.lora_artists, steps=args.lora_steps, finetune_seeds=args.lora_seeds
             )
             print("lora", json.dumps(sd["lora_positive_control"]), flush=True)
         _save_figures("tiny-sd", {"evaluation": sd})
@@ -265,6 +265,8 @@ def cmd_grid(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from harness.world import HELD_OUT_ARTISTS
+
     logging.basicConfig(level=logging.WARNING)
     parser = argparse.ArgumentParser(prog="python -m harness.zoo", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -290,6 +292,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-lora", action="store_true")
     p.add_argument("--lora-steps", type=int, default=400)
     p.add_argument("--lora-seeds", type=int, default=3, help="finetune seeds of the LoRA positive control")
+    p.add_argument(
+        "--lora-artists",
+        nargs="+",
+        default=None,
+        choices=list(HELD_OUT_ARTISTS),
+        help="held-out artists of the LoRA positive control (default: the audited one, dataset=held_out_artist)",
+    )
     p.add_argument("--grids", default="docs/zoo", help="folder for the sample grids")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("cards", help="rewrite the model cards")

@@ -50,6 +50,15 @@ LORA_MIMIC_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "mimic
 #: the img2img edit's Hydra config: the edit whose response to a latent shift the tiny-sd card measures
 IMG2IMG_MIMIC_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "mimic" / "img2img.yaml"
 
+#: the dataset a mimicry audit finetunes on by default: its artist is the LoRA positive control's default
+HELD_OUT_ARTIST_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "dataset" / "held_out_artist.yaml"
+
+
+def audited_artists() -> list[str]:
+    """The held-out artists the default mimicry audit finetunes on (``dataset=held_out_artist``)."""
+    return [str(a) for a in OmegaConf.load(HELD_OUT_ARTIST_CONFIG).artists]
+
+
 #: issue 16's targets for the 128 px models: the LoRA positive control's mean style match over its finetune
 #: seeds, the CPU seconds one finetune may take, and the inpainting model's unmasked-region PSNR
 LORA_CONTROL_TARGET = 0.9
@@ -450,7 +459,7 @@ def lora_finetune() -> Callable[..., tuple[Any, dict[str, Any]]]:
 def evaluate_lora(
     pipe: Any,
     clf: ZeroShotClassifier,
-    artists: Sequence[str] = HELD_OUT_ARTISTS,
+    artists: Sequence[str] | None = None,
     train_images: int = 16,
     steps: int = 400,
     rank: int = 8,
@@ -465,9 +474,10 @@ def evaluate_lora(
     Style accuracy of "<subject> in the style of <artist>" samples (every subject, ``seeds`` each) before and
     after each finetune. Training images are the ``posted`` split (no shipped model saw them) of the first 8
     subjects (``train_images // 8`` each); the last 2 subjects are unseen. The samples use the same seeds for
-    every finetune, so the seeds' spread is the finetune's.
+    every finetune, so the seeds' spread is the finetune's. ``artists``: None for :func:`audited_artists`.
     """
     train_lora = lora_finetune()
+    artists = audited_artists() if artists is None else list(artists)
     size = pipeline_side(pipe)
     subjects_of = [s for s in SUBJECTS for _ in range(seeds)]
     out: dict[str, Any] = {}

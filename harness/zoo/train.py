@@ -102,6 +102,31 @@ def world_data(
     return WorldData(images.contiguous(), kind, who, what)
 
 
+def rendered_world_data(work: Path, *args: Any, **kwargs: Any) -> WorldData:
+    """:func:`world_data` (same arguments), kept in ``work/world_data/`` so that a resumed or a following stage
+    does not render the same images again (several CPU minutes at 128 px). The file is named by the arguments
+    and the source of the renderers (``harness/world.py``, ``harness/data.py``), so a change to either renders
+    afresh."""
+    import hashlib
+
+    import harness.data
+    import harness.world
+
+    digest = hashlib.sha256(repr((args, sorted(kwargs.items()))).encode())
+    for module in (harness.world, harness.data):
+        digest.update(Path(module.__file__).read_bytes())
+    path = work / "world_data" / f"{digest.hexdigest()[:20]}.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        return WorldData(saved["images"], saved["kind"], saved["who"], saved["what"])
+    data = world_data(*args, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"images": data.images, "kind": data.kind, "who": data.who, "what": data.what}, tmp)
+    tmp.replace(path)
+    return data
+
+
 def random_caption(data: WorldData, i: int, rng: np.random.Generator, subjectless: float = 0.0) -> str:
     """A caption for image ``i``: a random template for artworks (or, with probability ``subjectless``, the
     subject-free style prompt), the photo's caption for photos."""
@@ -469,7 +494,9 @@ def train_autoencoder(
         save_every=100,
         log_every=25,
     )
-    data = world_data(ARTISTS, per_pair=16, crops_per_photo=60, seed=seed, size=arch.RESOLUTION, photos=TRAIN_PHOTOS)
+    data = rendered_world_data(
+        work, ARTISTS, per_pair=16, crops_per_photo=60, seed=seed, size=arch.RESOLUTION, photos=TRAIN_PHOTOS
+    )
     stage.t0 = time.time()
     vae.train()
     disc.train()
@@ -617,7 +644,9 @@ def train_clip(
         "clip", work, seed, steps, lr, opt, {"model": model}, after_step=_clamp_logit_scale(model), log_every=every
     )
     rng = np.random.default_rng(derive_seed(seed, f"zoo/clip/captions/{stage.start}"))
-    data = world_data(ARTISTS, per_pair=24, crops_per_photo=60, seed=seed, size=arch.RESOLUTION, photos=TRAIN_PHOTOS)
+    data = rendered_world_data(
+        work, ARTISTS, per_pair=24, crops_per_photo=60, seed=seed, size=arch.RESOLUTION, photos=TRAIN_PHOTOS
+    )
     stage.t0 = time.time()
     model.train()
     _train(stage, _batches(len(data), batch, stage.gen), _clip_loss(model, tokenizer, data, rng, stage.gen, dev))
@@ -657,6 +686,28 @@ def _encode_all(vae: Any, images: torch.Tensor, batch: int = 128) -> tuple[torch
             means.append(post.mean.cpu())
             stds.append(post.std.cpu())
     return torch.cat(means), torch.cat(stds)
+
+
+def _encoded(work: Path, vae: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_encode_all`, kept in ``work/world_data/`` under a digest of the images and of the VAE's weights
+    (as float32), so that a resumed stage, or the inpainting stage after tiny-sd's, does not encode the same
+    images with the same VAE again (minutes at 128 px on a CPU)."""
+    import hashlib
+
+    digest = hashlib.sha256(images.contiguous().numpy().tobytes())
+    for name, tensor in vae.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    path = work / "world_data" / f"latents-{digest.hexdigest()[:20]}.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        return saved["means"], saved["stds"]
+    means, stds = _encode_all(vae, images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"means": means, "stds": stds}, tmp)
+    tmp.replace(path)
+    return means, stds
 
 
 def _snr_weight(scheduler: Any, t: torch.Tensor, gamma: float = MIN_SNR_GAMMA) -> torch.Tensor:
@@ -773,9 +824,9 @@ def train_sd(
     stage = _diffusion_stage("sd", work, seed, steps, lr, ema_decay, {"unet": unet, "text": text_encoder})
     model = Denoiser(unet, text_encoder, tokenizer, arch.build_scheduler(), dev, train_text=True)
     rng = np.random.default_rng(derive_seed(seed, f"zoo/sd/captions/{stage.start}"))
-    data = world_data(TRAIN_ARTISTS, 40, 120, seed, size=arch.RESOLUTION, photos=TRAIN_PHOTOS)
+    data = rendered_world_data(work, TRAIN_ARTISTS, 40, 120, seed, size=arch.RESOLUTION, photos=TRAIN_PHOTOS)
     stage.t0 = time.time()
-    means, stds = _encode_all(vae, data.images)
+    means, stds = _encoded(work, vae, data.images)
     encode_s = time.time() - stage.t0
     unet.train()
     text_encoder.train()
@@ -889,9 +940,9 @@ def train_inpaint(
     stage = _diffusion_stage("inpaint", work, seed, steps, lr, ema_decay, {"unet": unet}, warmup=50, save_every=200)
     model = Denoiser(unet, text_encoder, base.tokenizer, arch.build_scheduler(), dev, train_text=False)
     rng = np.random.default_rng(derive_seed(seed, f"zoo/inpaint/captions/{stage.start}"))
-    data = world_data(TRAIN_ARTISTS, 40, 120, seed, size=arch.RESOLUTION, photos=TRAIN_PHOTOS)
+    data = rendered_world_data(work, TRAIN_ARTISTS, 40, 120, seed, size=arch.RESOLUTION, photos=TRAIN_PHOTOS)
     stage.t0 = time.time()
-    latents = _encode_all(vae, data.images)
+    latents = _encoded(work, vae, data.images)
     unet.train()
 
     def step_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
