@@ -464,12 +464,14 @@ def _task_pipeline(base: Any, task: str, spec: ModelSpec) -> Any:
     """The pipeline for ``task`` over ``base``'s components (shared, not copied) with its own scheduler."""
     import diffusers
 
-    unet = getattr(base, "unet", None)
-    in_channels = getattr(getattr(unet, "config", None), "in_channels", None)
-    if task != "inpaint" and in_channels == 9:
+    from harness.diffusion import is_inpainting_unet, latent_inpaint_pipeline
+
+    unet, vae = getattr(base, "unet", None), getattr(base, "vae", None)
+    inpainting = unet is not None and vae is not None and is_inpainting_unet(unet, vae)
+    if task != "inpaint" and inpainting:
         raise ConfigError(
             f"task={task!r} needs a text-to-image model, but model.source={spec.source!r} is an inpainting "
-            "checkpoint (UNet with 9 input channels); it serves only task='inpaint'"
+            f"checkpoint (UNet with {unet.config.in_channels} input channels); it serves only task='inpaint'"
         )
     auto = getattr(diffusers, f"AutoPipelineFor{_TASK_CLASS_HINT[task]}")
     # A fresh scheduler per task pipeline: schedulers keep state (timesteps, begin index) between calls.
@@ -480,6 +482,8 @@ def _task_pipeline(base: Any, task: str, spec: ModelSpec) -> Any:
         raise ConfigError(
             f"task={task!r} is not available for model.source={spec.source!r} ({type(base).__name__}): {error}"
         ) from error
+    if task == "inpaint" and inpainting and unet.config.in_channels != 9:
+        pipe = latent_inpaint_pipeline(pipe)  # diffusers' inpainting pipeline takes 4- or 9-channel UNets only
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

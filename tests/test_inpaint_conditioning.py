@@ -171,3 +171,61 @@ def test_encoder_attack_measures_the_pipelines_masked_latents():
     with torch.no_grad():  # what version 1 measured (black fill), in the same scaled units
         old = encode_mean(pipe.vae, clean.images * (1 - mask)) * pipe.vae.config.scaling_factor
     assert float((old - grey).flatten(1).norm(dim=1).mean()) > 1.2 * expected
+
+
+# ------------------------------------------------------------------ inpainting UNets on other latent widths
+
+
+def _wide_latent_pipeline(channels: int):
+    """tiny-random-inpaint with a VAE of ``channels`` latent channels and a ``2 * channels + 1``-input UNet
+    (random weights, built from the tiny configs)."""
+    from diffusers import AutoencoderKL, StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    pipe = load_pipeline(SPECS["tiny-random-inpaint"], "inpaint")
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config({**pipe.vae.config, "latent_channels": channels})
+    unet = UNet2DConditionModel.from_config(
+        {**pipe.unet.config, "in_channels": 2 * channels + 1, "out_channels": channels}
+    )
+    return StableDiffusionInpaintPipeline(**{**pipe.components, "vae": vae, "unet": unet})
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_latent_inpaint_pipeline_gives_diffusers_images_on_a_9_channel_unet(strength):
+    from harness.diffusion import latent_inpaint_pipeline
+
+    pipe = load_pipeline(SPECS["tiny-random-inpaint"], "inpaint")
+    ours = latent_inpaint_pipeline(pipe)
+    images = random_imageset(N, 32, seed=5).images
+    mask = edit_mask("border", 32, 32, 0.5).expand(N, -1, -1, -1)
+    kwargs = dict(prompt=["a photo"] * N, image=images, mask_image=mask, strength=strength, output_type="pt")
+    kwargs |= dict(num_inference_steps=4, guidance_scale=5.0, height=32, width=32)
+    theirs = pipe(generator=_gens(), **kwargs).images
+    mine = ours(generator=_gens(), **kwargs).images
+    assert mine.shape == theirs.shape == (N, 3, 32, 32)
+    assert torch.allclose(mine, theirs, atol=1e-5), (mine - theirs).abs().max()
+    other = ours(generator=[torch.Generator().manual_seed(99)] * N, **kwargs).images
+    assert not torch.allclose(other, theirs, atol=1e-3)  # the comparison can fail
+
+
+def test_load_pipeline_serves_inpainting_unets_on_16_channel_latents():
+    """diffusers' inpainting pipeline refuses a UNet that is not 4- or 9-channel; the harness serves a
+    ``2c + 1``-channel one through LatentInpaintPipeline, and refuses it for img2img."""
+    from diffusers import StableDiffusionPipeline
+
+    from harness.errors import ConfigError
+    from harness.models import _task_pipeline
+
+    wide = _wide_latent_pipeline(16)
+    mask = edit_mask("border", 32, 32, 0.5).expand(1, -1, -1, -1)
+    call = dict(prompt=["a photo"], image=random_imageset(1, 32).images, mask_image=mask, output_type="pt")
+    call |= dict(num_inference_steps=2, height=32, width=32)
+    with pytest.raises(ValueError, match="4 or 9 input channels"):
+        wide(**call)
+    base = StableDiffusionPipeline(**{k: v for k, v in wide.components.items() if k != "image_encoder"})
+    served = _task_pipeline(base, "inpaint", SPECS["tiny-random-inpaint"])
+    out = served(generator=[torch.Generator().manual_seed(0)], **call).images
+    assert type(served).__name__ == "LatentInpaintPipeline" and out.shape == (1, 3, 32, 32)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ConfigError, match="33 input channels"):
+        _task_pipeline(base, "img2img", SPECS["tiny-random-inpaint"])
