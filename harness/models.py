@@ -464,7 +464,7 @@ def _task_pipeline(base: Any, task: str, spec: ModelSpec) -> Any:
     """The pipeline for ``task`` over ``base``'s components (shared, not copied) with its own scheduler."""
     import diffusers
 
-    from harness.diffusion import is_inpainting_unet, latent_inpaint_pipeline
+    from harness.inpainting import is_inpainting_unet, latent_inpaint_pipeline
 
     unet, vae = getattr(base, "unet", None), getattr(base, "vae", None)
     inpainting = unet is not None and vae is not None and is_inpainting_unet(unet, vae)

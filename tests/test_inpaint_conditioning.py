@@ -192,7 +192,7 @@ def _wide_latent_pipeline(channels: int):
 
 @pytest.mark.parametrize("strength", [1.0, 0.7])
 def test_latent_inpaint_pipeline_gives_diffusers_images_on_a_9_channel_unet(strength):
-    from harness.diffusion import latent_inpaint_pipeline
+    from harness.inpainting import latent_inpaint_pipeline
 
     pipe = load_pipeline(SPECS["tiny-random-inpaint"], "inpaint")
     ours = latent_inpaint_pipeline(pipe)
