@@ -104,7 +104,7 @@ def world_data(
 
 def rendered_world_data(work: Path, *args: Any, **kwargs: Any) -> WorldData:
     """:func:`world_data` (same arguments), kept in ``work/world_data/`` so that a resumed or a following stage
-    does not render the same images again (several CPU minutes at 128 px). The file is named by the arguments
+    does not render the same images again (130 s for tiny-sd's set at 128 px on one core). The file is named by the arguments
     and the source of the renderers (``harness/world.py``, ``harness/data.py``), so a change to either renders
     afresh."""
     import hashlib
@@ -116,15 +116,25 @@ def rendered_world_data(work: Path, *args: Any, **kwargs: Any) -> WorldData:
     for module in (harness.world, harness.data):
         digest.update(Path(module.__file__).read_bytes())
     path = work / "world_data" / f"{digest.hexdigest()[:20]}.pt"
+
+    def render() -> dict[str, Any]:
+        data = world_data(*args, **kwargs)
+        return {"images": data.images, "kind": data.kind, "who": data.who, "what": data.what}
+
+    return WorldData(**_kept(path, render))
+
+
+def _kept(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The tensors and lists ``compute()`` returns, read from ``path`` when a previous call saved them there
+    (written atomically, so an interrupted save leaves no file)."""
     if path.is_file():
-        saved = torch.load(path, weights_only=True)
-        return WorldData(saved["images"], saved["kind"], saved["who"], saved["what"])
-    data = world_data(*args, **kwargs)
+        return torch.load(path, weights_only=True)
+    saved = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"images": data.images, "kind": data.kind, "who": data.who, "what": data.what}, tmp)
+    torch.save(saved, tmp)
     tmp.replace(path)
-    return data
+    return saved
 
 
 def random_caption(data: WorldData, i: int, rng: np.random.Generator, subjectless: float = 0.0) -> str:
@@ -699,15 +709,13 @@ def _encoded(work: Path, vae: Any, images: torch.Tensor) -> tuple[torch.Tensor, 
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     path = work / "world_data" / f"latents-{digest.hexdigest()[:20]}.pt"
-    if path.is_file():
-        saved = torch.load(path, weights_only=True)
-        return saved["means"], saved["stds"]
-    means, stds = _encode_all(vae, images)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"means": means, "stds": stds}, tmp)
-    tmp.replace(path)
-    return means, stds
+
+    def encode() -> dict[str, Any]:
+        means, stds = _encode_all(vae, images)
+        return {"means": means, "stds": stds}
+
+    saved = _kept(path, encode)
+    return saved["means"], saved["stds"]
 
 
 def _snr_weight(scheduler: Any, t: torch.Tensor, gamma: float = MIN_SNR_GAMMA) -> torch.Tensor:
