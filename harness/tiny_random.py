@@ -29,6 +29,8 @@ from harness.seeding import isolated_torch_rng
 
 __all__ = [
     "TINY_RANDOM_RESOLUTION",
+    "build_sd15_shaped",
+    "save_sd15_shaped",
     "build_tiny_random",
     "save_tiny_random",
     "build_tiny_random_upscaler",
@@ -378,4 +380,96 @@ def save_tiny_random_upscaler(path: str | os.PathLike[str], seed: int = 0) -> Pa
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     build_tiny_random_upscaler(seed=seed).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+#: SD 1.5's architecture (the published configs' shapes): VAE, UNet and CLIP ViT-L/14 text tower widths
+SD15_VAE_CHANNELS = (128, 256, 512, 512)
+SD15_UNET_CHANNELS = (320, 640, 1280, 1280)
+SD15_TEXT_WIDTH = 768
+
+
+def build_sd15_shaped(width: float = 1.0, seed: int = 0) -> Any:
+    """A ``StableDiffusionPipeline`` with SD 1.5's architecture and random weights, offline: compute and memory
+    do not depend on the weights' values, so speed and memory at SD scale are measured on it (``harness.bench``).
+
+    VAE ``block_out_channels`` (128, 256, 512, 512), 2 layers per block, 4 latent channels (8x); UNet (320, 640,
+    1280, 1280), three ``CrossAttnDownBlock2D`` and a ``DownBlock2D``, 2 layers per block, 8 attention heads,
+    cross-attention dim 768, 64 x 64 latents (512 px); a 12-layer CLIP text tower of width 768 (77 tokens) over
+    the tiny tokenizer (the vocabulary's size changes only an embedding lookup); SD's PNDM-equivalent DDIM
+    schedule. ``width`` scales every channel count (tests build it at 1/16 of SD's width).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    def w(c: int) -> int:
+        return max(32, int(round(c * width / 32)) * 32)
+
+    text_width = max(64, int(round(SD15_TEXT_WIDTH * width / 64)) * 64)
+    tokenizer = tiny_clip_tokenizer()
+    with isolated_torch_rng(seed):
+        vae = AutoencoderKL(
+            block_out_channels=tuple(w(c) for c in SD15_VAE_CHANNELS),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=2,
+            norm_num_groups=32,
+            sample_size=512,
+        )
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=tuple(w(c) for c in SD15_UNET_CHANNELS),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=text_width,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=text_width,
+                intermediate_size=4 * text_width,
+                num_hidden_layers=12,
+                num_attention_heads=max(1, text_width // 64),
+                max_position_embeddings=77,
+                projection_dim=text_width,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_sd15_shaped(path: str | os.PathLike[str], width: float = 1.0, seed: int = 0) -> Path:
+    """Write :func:`build_sd15_shaped` as a diffusers folder (once: an existing folder is reused)."""
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        path.mkdir(parents=True, exist_ok=True)
+        build_sd15_shaped(width, seed).save_pretrained(path, safe_serialization=True)
     return path
