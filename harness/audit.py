@@ -56,7 +56,7 @@ from harness.verdict import (
 
 log = logging.getLogger("harness.audit")
 
-__all__ = ["main", "run_audit", "write_report", "rebuild_reports"]
+__all__ = ["main", "run_audit", "audit_runs", "write_report", "rebuild_reports"]
 ROLE_ORDER = {"clean": 0, "floor": 1, "noise": 2, "protected": 3, "budget sweep": 4}
 ROLE_NAMES = {
     "clean": "positive control (clean)",
@@ -239,8 +239,16 @@ def _budget_plot(
     return out
 
 
-def run_audit(overrides: Sequence[str]) -> Path:
-    """Run the audit for ``overrides`` (Hydra syntax, must include ``defense=<name>``). Returns the report."""
+def audit_runs(overrides: Sequence[str]) -> list[list[str]]:
+    """The Hydra overrides of every run :func:`run_audit` makes for ``overrides``, in its order (without the
+    results folder it sets): what a caller needs to run the same cells another way (``harness.bench`` runs
+    them each with a cache of its own)."""
+    _, _, cells, common = _plan(overrides)
+    return [[*common, *cell] for _, _, cell in cells]
+
+
+def _plan(overrides: Sequence[str]) -> tuple[Any, str, list[tuple[str, str, list[str]]], list[str]]:
+    """The audit's config, label, runs (threat model, role, overrides) and the user's common overrides."""
     import hydra
 
     defense_opts, common, defense_name = _split(overrides)
@@ -266,11 +274,16 @@ def run_audit(overrides: Sequence[str]) -> Path:
             f"{list(audit.threat_models)}"
         )
     label = defense_name + (f"[{','.join(o.split('.', 1)[1] for o in defense_opts)}]" if defense_opts else "")
+    return cfg, label, _cells(audit, defense_name, defense_opts, defense.budget, tms, list(common)), list(common)
 
+
+def run_audit(overrides: Sequence[str]) -> Path:
+    """Run the audit for ``overrides`` (Hydra syntax, must include ``defense=<name>``). Returns the report."""
+    cfg, label, cells, common = _plan(overrides)
     out = Path(cfg.runtime.results_dir) / "audits" / safe_filename(label)
-    cells = _cells(audit, defense_name, defense_opts, defense.budget, tms, list(common))
     command = f"python -m harness.audit {' '.join(overrides)}"
     run_ids: list[str] = []
+    tms = list(dict.fromkeys(tm for tm, _, _ in cells))
     log.info("audit of %s: %d runs over %s (rows in %s)", label, len(cells), ", ".join(tms), out / "runs")
     for k, (tm, role, cell) in enumerate(cells, 1):
         cell_overrides = [*common, *cell, f"runtime.results_dir='{out}'"]

@@ -89,3 +89,21 @@ def test_cuda_request_without_cuda_is_one_clear_error(device, capsys):
         pytest.skip("this machine has CUDA")
     assert main(["--device", device, "--out", ""]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_audit_end_to_end_writes_the_same_rows_both_ways():
+    """The audit case runs every run alone with a cache of its own, then the audit with one shared cache: the
+    same runs and the same metrics (nothing the cache shares changes a result) up to floating-point summation
+    order: batched and single-image convolutions differ in the last bits and 30 edit steps of a random model
+    amplify that to about 1e-3 of a metric near zero; a cached stage from another run would differ wholly."""
+    case = Case(
+        "audit",
+        "audit",
+        "photoguard_encoder",
+        overrides=("audit=quick", "defense.steps=2", "audit.purifiers=[none]", "mimic.steps=2"),
+    )
+    at_48 = [*TINY[:1], "model.resolution=48", *TINY[2:]]  # the editing metrics need 41 px or more
+    ref, ours = run_case(case, "cpu", batch_size=4, model_overrides=at_48, limit=2)
+    assert ref.images == ours.images == 2
+    assert len(ref.per_image_objective) == len(ours.per_image_objective) > 0
+    assert objective_gap(ref, ours) < 1e-2
