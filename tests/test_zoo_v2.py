@@ -347,3 +347,25 @@ def test_shipped_tiny_vae_loads_and_reconstructs_a_held_out_photo():
     assert z.shape == (1, 16, 16, 16)
     flat = x.mean(dim=(2, 3), keepdim=True).expand_as(x)
     assert float(_psnr(rec, x)[0]) > float(_psnr(flat, x)[0]) + 5
+
+
+def test_inpaint_border_ceilings_are_the_reconstruction_without_a_hole_and_fall_as_it_grows():
+    """The card's bound on what any latent inpainter keeps of the border: with an empty mask the latent copy is the
+    VAE's reconstruction exactly; the larger the hole, the more of the next image the decoder carries into the
+    border around it (a lower PSNR than the reconstruction's)."""
+    from diffusers import AutoencoderKL
+
+    from harness.zoo.evaluate import _psnr, border_ceilings, centre_mask, held_out_photos
+
+    vae = AutoencoderKL.from_pretrained(ZOO / "tiny-vae", torch_dtype=torch.float32).eval()
+    x = held_out_photos(64).select(slice(0, 2)).images
+    rec, copy = border_ceilings(vae, x, torch.zeros(1, 1, 64, 64))
+    assert torch.equal(rec, copy)
+    keep = centre_mask(64, 32) == 0
+
+    def border(y: torch.Tensor) -> float:
+        return float(_psnr(y * keep, x * keep).mean())
+
+    _, small = border_ceilings(vae, x, centre_mask(64, 16))
+    _, large = border_ceilings(vae, x, centre_mask(64, 32))
+    assert border(large) < border(small) <= border(rec) + 1e-6

@@ -286,6 +286,12 @@ def _unet_targets() -> list[str]:
     at_size = inpaint.get("mask", "").endswith(f"{RESOLUTION}x{RESOLUTION}")  # not the 64 px world's figure
     keep = inpaint.get("border_psnr_db") if at_size else None
     value = "" if keep is None else f"{keep} dB ({inpaint['mask']})"
+    ceiling = inpaint.get("border_psnr_db_perfect_latent_copy") if at_size else None
+    if ceiling is not None:
+        value += (
+            f"; ceiling for any model on this VAE and mask: {ceiling} dB (unmasked latents kept exactly, the hole's "
+            f"replaced; VAE reconstruction alone {inpaint['border_psnr_db_vae_reconstruction']} dB)"
+        )
     ok = None if keep is None else keep >= INPAINT_KEEP_TARGET_DB
     rows.append(
         f"| tiny-sd-inpaint keeps the unmasked region >= {INPAINT_KEEP_TARGET_DB:g} dB | {value} | {_met(ok)} |"
