@@ -338,7 +338,11 @@ def _write_record(work: Path, stage: Stage, seed: int, batch: int, device: torch
         "threads": torch.get_num_threads(),
         "history": stage.history[-5:],
     }
-    (work / f"{stage.name}_record.json").write_text(json.dumps(record, indent=2))
+    path = work / f"{stage.name}_record.json"
+    if stage.start >= stage.steps and path.is_file():  # nothing trained in this call (an install): keep how it was
+        old = json.loads(path.read_text())
+        record.update({k: old[k] for k in ("resumed_from_step", "device", "threads", "history") if k in old})
+    path.write_text(json.dumps(record, indent=2))
     return record
 
 
@@ -816,9 +820,17 @@ def train_sd(
     lr: float = 5e-4,
     ema_decay: float = 0.998,
     device: str = "cpu",
+    more_steps: int = 3000,
+    more_lr: float = 3e-4,
 ) -> dict[str, Any]:
     """Train the ``tiny-sd`` UNet and text encoder on ``tiny-vae`` latents (frozen) of the training artists'
-    artworks and crops of the training photos, at 128 px."""
+    artworks and crops of the training photos, at 128 px.
+
+    Two stages: ``steps`` with a cosine schedule from ``lr``, then (``more_steps`` > 0) a warm restart: a second
+    cosine schedule from ``more_lr`` with a fresh optimiser, continuing the weights and their EMA (stage
+    ``sd-more``, its own checkpoint). After 2200 steps the model painted the training artists' styles in 66% of
+    its samples and a LoRA on 16 artworks of a held-out artist reached 0.44; the second stage continues it
+    rather than starting a longer single schedule from scratch."""
     from harness.data import TRAIN_PHOTOS
     from harness.zoo.tokenizer import save_world_tokenizer
 
@@ -844,6 +856,19 @@ def train_sd(
         return _denoising_loss(model, data, idx, z, rng, stage.gen)
 
     _train(stage, _batches(2 * len(data), batch, stage.gen), step_loss)
+    first = stage
+    more: dict[str, Any] = {}
+    if more_steps:
+        stage = _diffusion_stage(
+            "sd-more", work, seed, more_steps, more_lr, ema_decay, {"unet": unet, "text": text_encoder}
+        )
+        if stage.start == 0:  # a fresh second stage continues the first's averages as well as its weights
+            for key in ("ema_unet", "ema_text"):
+                stage.saved[key].load_state_dict(first.saved[key].state_dict())
+        rng = np.random.default_rng(derive_seed(seed, f"zoo/sd-more/captions/{stage.start}"))
+        stage.t0 = time.time()
+        _train(stage, _batches(2 * len(data), batch, stage.gen), step_loss)
+        more = _write_record(work, stage, seed, batch, dev)
     save_sd_pipeline(work / "tiny-sd", vae, stage.saved["ema_text"], tokenizer, stage.saved["ema_unet"])
     extra = {
         "ema_decay": ema_decay,
@@ -856,7 +881,11 @@ def train_sd(
         "caption_dropout": CAPTION_DROPOUT,
         "min_snr_gamma": MIN_SNR_GAMMA,
     }
-    return _write_record(work, stage, seed, batch, dev, **extra)
+    if more:
+        extra["second_stage"] = {
+            k: more[k] for k in ("steps", "lr", "seconds", "resumed_from_step", "threads", "history")
+        }
+    return _write_record(work, first, seed, batch, dev, **extra)
 
 
 # -------------------------------------------------------------------------------------------- inpaint
@@ -929,7 +958,7 @@ def _inpaint_inputs(
 def train_inpaint(
     work: Path,
     seed: int = 0,
-    steps: int = 800,
+    steps: int = 1000,
     batch: int = 64,
     lr: float = 3e-4,
     ema_decay: float = 0.995,
