@@ -92,8 +92,8 @@ def test_masked_image_latents_equal_the_pipelines_own(setup):
 
 
 def test_the_unet_sees_the_defense_conditioning_during_an_edit(setup):
-    # a real one-step edit called as finetune.editing.InpaintEdit calls it: the UNet's channels 4 (mask) and
-    # 5..8 (masked-image latents) equal the defense's, for each image's generator after the initial noise draw
+    # a real one-step edit called as finetune.editing.InpaintEdit calls it: the UNet's channels c (mask) and
+    # c+1..2c (masked-image latents; c latent channels) equal the defense's, for each image's generator after the initial noise draw
     _, pipe, images, mask = setup
     h, w = images.shape[-2:]
     f = pipe.vae_scale_factor
@@ -114,18 +114,19 @@ def test_the_unet_sees_the_defense_conditioning_during_an_edit(setup):
         )
 
     (unet_in,) = _capture_unet_inputs(pipe, edit)
-    assert unet_in.shape == (2 * N, 9, h // f, w // f)  # classifier-free guidance doubles the batch
+    c = pipe.vae.config.latent_channels  # 4 (SD: 9 UNet inputs) or 16 (tiny-sd-inpaint: 33)
+    assert unet_in.shape == (2 * N, 2 * c + 1, h // f, w // f)  # classifier-free guidance doubles the batch
     gens = _gens()
-    noise = torch.stack([torch.randn((4, h // f, w // f), generator=g) for g in gens])  # the pipeline's first draw
+    noise = torch.stack([torch.randn((c, h // f, w // f), generator=g) for g in gens])  # the pipeline's first draw
     with torch.no_grad():
         ours = masked_image_latents(pipe.vae, images, mask, Draws(gens, "cpu"))
     small = inpaint_mask_latent(pipe.vae, mask, h, w)
     for half in unet_in.chunk(2):
-        assert torch.allclose(half[:, :4], noise * pipe.scheduler.init_noise_sigma, atol=ATOL, rtol=0)
-        assert torch.equal(half[:, 4:5], small)
-        assert torch.allclose(half[:, 5:], ours, atol=ATOL, rtol=0), (half[:, 5:] - ours).abs().max()
+        assert torch.allclose(half[:, :c], noise * pipe.scheduler.init_noise_sigma, atol=ATOL, rtol=0)
+        assert torch.equal(half[:, c : c + 1], small)
+        assert torch.allclose(half[:, c + 1 :], ours, atol=ATOL, rtol=0), (half[:, c + 1 :] - ours).abs().max()
 
-    # the diffusion attack's differentiable edit feeds the UNet the same 9 channels at its first step
+    # the diffusion attack's differentiable edit feeds the UNet the same 2c + 1 channels at its first step
     cond = text_embeddings(pipe, prompts)
     uncond = text_embeddings(pipe, [""]).expand_as(cond)
     (attack_in,) = _capture_unet_inputs(
