@@ -101,7 +101,13 @@ def test_audit_end_to_end_writes_the_same_rows_both_ways():
         "audit",
         "audit",
         "photoguard_encoder",
-        overrides=("audit=quick", "defense.steps=2", "audit.purifiers=[none]", "mimic.steps=2"),
+        overrides=(
+            "audit=quick",
+            "defense.steps=2",
+            "audit.purifiers=[none]",
+            "mimic.steps=2",
+            "audit.threat_models.editing.dataset=held_out_photos",
+        ),
     )
     at_48 = [*TINY[:1], "model.resolution=48", *TINY[2:]]  # the editing metrics need 41 px or more
     ref, ours = run_case(case, "cpu", batch_size=4, model_overrides=at_48, limit=2)
