@@ -218,6 +218,34 @@ def _tiny_unet(sample_size: int, in_channels: int, **extra: Any) -> Any:
     )
 
 
+def _sd_pipeline(cls: Any, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any) -> Any:
+    """A Stable-Diffusion-style pipeline of ``cls`` over these components in eval mode, with SD's beta schedule
+    in a ``DDIMScheduler`` (scaled_linear, 0.00085..0.012, 1000 steps), no safety checker, progress bar off."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = cls(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def build_tiny_random(seed: int = 0, inpaint: bool = False) -> Any:
     """Build a tiny, randomly initialised Stable-Diffusion-shaped pipeline, deterministically, offline.
 
@@ -241,7 +269,6 @@ def build_tiny_random(seed: int = 0, inpaint: bool = False) -> Any:
     """
     from diffusers import (
         AutoencoderKL,
-        DDIMScheduler,
         StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
     )
@@ -261,28 +288,8 @@ def build_tiny_random(seed: int = 0, inpaint: bool = False) -> Any:
             sample_size=TINY_RANDOM_RESOLUTION,
         )
         text_encoder = _tiny_text_encoder(tokenizer)
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
     cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
-    pipe = cls(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _sd_pipeline(cls, vae, text_encoder, tokenizer, unet)
 
 
 def save_tiny_random(path: str | os.PathLike[str], inpaint: bool = False, seed: int = 0) -> Path:
@@ -399,7 +406,7 @@ def build_sd15_shaped(width: float = 1.0, seed: int = 0) -> Any:
     the tiny tokenizer (the vocabulary's size changes only an embedding lookup); SD's PNDM-equivalent DDIM
     schedule. ``width`` scales every channel count (tests build it at 1/16 of SD's width).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     def w(c: int) -> int:
@@ -443,27 +450,7 @@ def build_sd15_shaped(width: float = 1.0, seed: int = 0) -> Any:
                 pad_token_id=tokenizer.pad_token_id,
             )
         )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _sd_pipeline(StableDiffusionPipeline, vae, text_encoder, tokenizer, unet)
 
 
 def save_sd15_shaped(path: str | os.PathLike[str], width: float = 1.0, seed: int = 0) -> Path:
