@@ -9,7 +9,8 @@ For each method the same inputs go through two ways of running the same computat
 - **ours**: the harness as an audit runs it: the whole set in batches of ``--batch-size``.
 
 Each row gives seconds per image, the peak memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the peak
-resident set size above the process's level before the call, sampled every 5 ms), the method's own objective
+resident set size above the process's level before the call, sampled every 5 ms, after freed memory is handed
+back to the system so that the level is what is live), the method's own objective
 reached (the PGD defenses: their published objective on the protected images, lower or higher as the method
 wants; both ways must reach the same value, so that a faster way is not a weaker attack), and the ratio of
 the reference's seconds per image to ours.
@@ -171,6 +172,18 @@ class Measurement:
         return self.seconds / max(1, self.units or self.images)
 
 
+def _release_freed_memory() -> None:
+    """Hand memory that freed tensors left in the C allocator's arenas back to the system (glibc ``malloc_trim``),
+    so that the resident set before a measured call is what is live, not what an earlier case left behind."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the baseline then includes what earlier cases freed
+        pass
+
+
 class _PeakRSS:
     """Peak resident set size (MB) above the level at entry, sampled every 5 ms on a thread (Linux)."""
 
@@ -187,6 +200,7 @@ class _PeakRSS:
             return 0.0
 
     def __enter__(self) -> _PeakRSS:
+        _release_freed_memory()
         self.base = self._rss()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
