@@ -112,7 +112,7 @@ CASES: tuple[Case, ...] = (
         "mist",
         overrides=("defense.steps=20",),
         dataset="held_out_artist",
-        objective="fused_protected",
+        objective="fused_loss_protected",
         note="Mist (fused textural and semantic loss), 20 of its 100 steps on CPU",
     ),
     Case(

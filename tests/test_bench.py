@@ -131,3 +131,16 @@ def test_cpu_peak_memory_sees_a_transient_allocation_after_another_was_freed():
     hold(100)
     _, seconds, peak = measure(lambda: hold(50), "cpu")
     assert seconds >= 0.05 and 40 <= peak <= 120, peak
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.objective], ids=lambda c: c.name)
+def test_each_defense_case_reads_the_objective_its_defense_reports(case):
+    """Every defense row's objective key is one its defense writes (one PGD step on tiny-random, 2 images)."""
+    import dataclasses
+
+    short = dataclasses.replace(
+        case, overrides=(*(o for o in case.overrides if not o.startswith("defense.steps=")), "defense.steps=1")
+    )
+    ref, ours = run_case(short, "cpu", model_overrides=TINY, limit=2)
+    assert ref.objective is not None and ours.objective is not None
+    assert objective_gap(ref, ours) < 1e-3
