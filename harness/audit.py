@@ -104,18 +104,21 @@ def _cells(
     for tm in threat_models:
         spec = audit.threat_models[tm]
         metrics = spec.get("folder_metrics") if folder and spec.get("folder_metrics") else spec.metrics
-        base = [f"dataset={spec.dataset}", f"model={spec.model}", f"metrics={metrics}", *spec.get("overrides", [])]
+        model = f"model={spec.model}" if spec.get("model") is not None else "~model"  # privacy: no model
+        base = [f"dataset={spec.dataset}", model, f"metrics={metrics}", *spec.get("overrides", [])]
         own = [f"defense={defense}", *defense_opts]
+        purifiers = list(_tm_setting(audit, tm, "purifiers", audit.purifiers))
+        noise_baseline = threat_model(tm).baseline == "noise" and not auditing_baseline
         for seed in _tm_setting(audit, tm, "seeds", audit.seeds):
             for mimic in spec.mimics:
                 common = [*base, f"mimic={mimic}", f"seed={seed}"]
                 cells.append((tm, "protected", [*common, *own, "purifier=none"]))
                 cells.append((tm, "clean", [*common, *own, "control=clean", "purifier=none"]))
                 cells.append((tm, "floor", [*common, *own, "control=floor", "purifier=none"]))
-                for purifier in audit.purifiers:
+                for purifier in purifiers:
                     if purifier != "none":
                         cells.append((tm, "protected", [*common, *own, f"purifier={purifier}"]))
-                    if not auditing_baseline:
+                    if noise_baseline:
                         cells.append((tm, "noise", [*common, *own, "control=noise", f"purifier={purifier}"]))
                 for b in _sweep_radii(audit, budget):
                     if budget is not None and abs(float(b) - budget.radius) < 1e-12:
@@ -190,20 +193,23 @@ def _row_mean(rows: list[dict[str, Any]], metric: str, binary: bool = False) -> 
     return bootstrap_ci(values, binary=binary) if values else (math.nan, math.nan, math.nan)
 
 
-def _grid(
-    store: ArtifactStore | None, lines: list[tuple[str, str, str | None]], out: Path, n_images: int
-) -> Path | None:
-    """A labelled grid, one image row per ``(label, stage, key)``, redrawn only when the store holds every one of
-    them; otherwise (a checkout re-rendering committed rows without their cache) the grid already beside the
+def _grid(store: ArtifactStore | None, lines: list[tuple], out: Path, n_images: int) -> Path | None:
+    """A labelled grid, one image row per ``(label, stage, key)`` or ``(label, stage, key, transform)`` (a
+    transform maps the stored set and the first line's set to what the row shows), redrawn only when the store
+    holds every one of them; otherwise (a checkout re-rendering committed rows without their cache) the grid already beside the
     report is kept as it is."""
     import torch
 
-    images, labels = [], []
-    for label, stage, key in lines:
+    images, labels, first = [], [], None
+    for label, stage, key, *transform in lines:
         art = store.get(stage, key) if store is not None and key else None
         if art is None:
             return out if out.is_file() else None
-        images.append(load_imageset(art.path)[0].images[:n_images])
+        loaded = load_imageset(art.path)[0]
+        first = loaded if first is None else first
+        if transform and transform[0] is not None:  # e.g. reconstructions matched to the first line's images
+            loaded = transform[0](loaded, first)
+        images.append(loaded.images[:n_images])
         labels.append(label)
     if not images:
         return out if out.is_file() else None
@@ -463,7 +469,7 @@ def _mimic_section(
     return sentence, [
         f"**Verdict ({mimic}).** {sentence}",
         "",
-        *_effects_table(v),
+        *_effects_table(v, threat_model(tm).baseline == "noise"),
         *_success_table(rows, rep.roles, success, higher, binary),
         *_grid_section(rep.store, rows, rep.roles, tm, mimic, rep.out, int(rep.audit.get("grid_images", 6))),
         *_budget_sweep_section(rep, tm, rows, success, success in binary),
@@ -491,6 +497,17 @@ def _budget_used_section(rep: _AuditReport) -> list[str]:
     if not rep.protected_rows:
         return []
     b = rep.protected_rows[0]["budget"]
+    if "norm" not in b and "linf_max" not in b:  # instance encodings: a new set, no perturbation of the images
+        info = rep.protected_rows[0].get("defense_info", {})
+        made = (
+            f": {info['encodings']:.0f} encodings of {info['private_images']:.0f} private images"
+            if "encodings" in info and "private_images" in info
+            else ""
+        )
+        lines = ["## Budget actually used", "", f"No perturbation budget: the protection publishes another set{made}."]
+        if (sizes := sizes_line(rep.rows)) is not None:
+            lines.append(sizes)
+        return [*lines, ""]
     lines = [
         "## Budget actually used",
         "",
@@ -529,10 +546,10 @@ def _objectives_section(protected_rows: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
-def _effects_table(v: Verdict) -> list[str]:
+def _effects_table(v: Verdict, noise_baseline: bool = True) -> list[str]:
     rows = [
         ("positive control: clean - floor", v.positive_control),
-        ("noise baseline - floor", v.noise_gap),
+        *([("noise baseline - floor", v.noise_gap)] if noise_baseline else []),
         ("protection (no purifier)", v.protection),
         *[(f"residual after {p}", e) for p, e in sorted(v.residual_by_purifier.items())],
         ("residual after the attacker's best per image", v.residual),
@@ -606,6 +623,33 @@ def _grid_section(
     clean_row = next((r for r in first if roles[r["run_id"]][1] == "clean"), None)
     floor_row = next((r for r in first if roles[r["run_id"]][1] == "floor"), None)
     reference = keys.get("mimic_clean") or (clean_row or {}).get("stage_keys", {}).get("mimic")
+    prepare = threat_model(tm).prepare
+    if prepare is not None:  # unordered outputs (reconstructions): shown matched to the clean images
+        lines = [
+            ("clean", "data", keys.get("data")),
+            ("what the measures compare with", "data", keys.get("data"), lambda x, c: prepare(c, c)[1]),
+            ("protected (first images)", "protect", keys.get("protect")),
+            (
+                "floor, matched",
+                "mimic",
+                (floor_row or {}).get("stage_keys", {}).get("mimic"),
+                lambda x, c: prepare(x, c)[0],
+            ),
+            *[
+                (
+                    f"output after {r['labels']['purifier']}, matched",
+                    "mimic",
+                    r["stage_keys"].get("mimic"),
+                    lambda x, c: prepare(x, c)[0],
+                )
+                for r in protected
+            ],
+        ]
+        made = _grid(store, lines, out / safe_filename(f"grid_{tm}_{mimic}.png"), n_images)
+        if made is None:
+            return []
+        legend = made.with_suffix(".txt").read_text().strip().replace("\n", "; ")
+        return [f"![{tm} grid, {mimic}]({made.name})", "", f"Grid rows: {legend}.", ""]
     lines: list[tuple[str, str, str | None]] = [
         ("clean", "data", keys.get("data")),
         ("protected", "protect", keys.get("protect")),

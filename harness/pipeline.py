@@ -218,7 +218,11 @@ def _protect_stage(
     def do_protect() -> tuple[ImageSet, dict[str, Any]]:
         given = for_component(exp.defense, clean, ctx)
         out = exp.defense.protect(given, make_generator(s_protect), ctx)
-        _check_same_layout("protect", given, out.images)
+        if getattr(exp.defense, "changes_layout", False):  # encodings: a new set, at the images' size
+            if len(out.images) == 0 or out.images.size != given.size:
+                raise RuntimeError(f"protect: {exp.defense.name} returned no images or another image size")
+        else:
+            _check_same_layout("protect", given, out.images)
         return out.images, {"info": dict(out.info)}
 
     return _stage_images(store, "protect", k_protect, s_protect, exp.defense.name, do_protect)
@@ -329,6 +333,10 @@ class PurifyStage(Stage):
 class BudgetStage(Stage):
     """The protection's realised budget, and how far the purifier moved the images from the clean ones, in
     pixels and in the model's latent space (computed every run: cheap, and never cached)."""
+
+    def applies(self, s: RunState) -> bool:
+        # a defense that publishes another set (instance encodings) has no per-image perturbation to measure
+        return s.images["protected"].ids == s.images["clean"].ids
 
     def run(self, s: RunState) -> None:
         clean, protected, purified = s.images["clean"], s.images["protected"], s.images["purified"]
@@ -481,6 +489,9 @@ class MeasureStage(Stage):
     def measure(s: RunState) -> dict[str, Any]:
         outputs, references = s.images["outputs"], s.images["references"]
         set_references = s.images.get("set_references", references).resized(_side(outputs))
+        if s.threat_model.prepare is not None:  # e.g. unordered reconstructions matched to the private images
+            outputs, references = s.threat_model.prepare(outputs, references)
+            set_references = references
         measured: dict[str, Any] = {"per_image": {}, "higher_is_better": {}, "per_set": {}}
         for name, metric in s.exp.metrics.items():
             key = s.threat_model.result_key(name)

@@ -122,8 +122,11 @@ class Defense(Component):
         under another norm overrides this. None: no budget of its own (an external tool's images)."""
         return Budget("linf", float(self.eps)) if self.eps is not None else None
 
-    #: the threat models the protection claims to defend (an audit runs these): "editing", "mimicry".
+    #: the threat models the protection claims to defend (an audit runs these): "editing", "mimicry", "privacy".
     threat_models: ClassVar[tuple[str, ...]] = ("editing", "mimicry")
+    #: True when the protected set is not the clean images perturbed but a new set at the same size (instance
+    #: encodings: other ids, another number of images); then no per-image budget is measured.
+    changes_layout: ClassVar[bool] = False
 
     @abstractmethod
     def protect(self, images: ImageSet, generator: torch.Generator, ctx: Context) -> DefenseOutput:

@@ -305,6 +305,11 @@ class Verdict:
     means: dict[str, Estimate] = field(default_factory=dict)
 
 
+def _uniform(baseline_text: str) -> str:
+    """The no-verdict sentence's subject: "uniform noise of the same budget" for the noise baseline."""
+    return f"uniform {baseline_text}" if baseline_text.startswith("noise") else baseline_text
+
+
 def _mean(values: Values, binary: bool, n_boot: int, level: float) -> Estimate:
     return paired_bootstrap({"x": values}, lambda m: m["x"], binary=binary, n_boot=n_boot, level=level)
 
@@ -325,7 +330,9 @@ def judge(
     kw = {"binary": binary, "n_boot": n_boot, "level": level}
     name = metric.split("/", 1)[-1]
     tm = get_threat_model(threat_model, option="judge(threat_model=...)")
-    attack, floor_text = tm.attack, tm.floor
+    attack, floor_text, baseline_text = tm.attack, tm.floor, tm.baseline_text
+    if tm.baseline == "clean":  # the effect is measured from the positive control: no budget, no noise run
+        cs = ControlSet(clean=cs.clean, floor=cs.floor, noise={"none": cs.clean}, protected=cs.protected)
     means: dict[str, Estimate] = {}
     for role, values in (("clean", cs.clean), ("floor", cs.floor), ("noise", cs.noise.get("none"))):
         if values:
@@ -336,7 +343,7 @@ def judge(
         label
         for label, present in (
             ("the protected run without purifier", bool(cs.protected.get("none"))),
-            ("the noise baseline at the protection's budget", bool(cs.noise.get("none"))),
+            (f"the baseline ({baseline_text})", bool(cs.noise.get("none"))),
             (f"the floor ({floor_text})", bool(cs.floor)),
             ("the positive control (the attacker on the clean images)", bool(cs.clean)),
         )
@@ -359,8 +366,9 @@ def judge(
     v = Verdict("no verdict", "", positive_control=positive, noise_gap=noise_gap, means=means)
     sign = "" if higher else " (lower is the attacker's gain)"
     levels = (
-        f"{name}{sign}: protected {means['protected'].fmt(3)}, noise {means['noise'].fmt(3)}, "
-        f"floor {means['floor'].fmt(3)}, clean {means['clean'].fmt(3)}"
+        f"{name}{sign}: protected {means['protected'].fmt(3)}, "
+        + (f"noise {means['noise'].fmt(3)}, " if tm.baseline == "noise" else "")
+        + f"floor {means['floor'].fmt(3)}, clean {means['clean'].fmt(3)}"
     )
     if not (positive.defined and positive.low > 0):
         v.sentence = (
@@ -371,7 +379,7 @@ def judge(
         return v
     if not (noise_gap.defined and noise_gap.low > 0):
         v.sentence = (
-            f"{threat_model}: no verdict on {defense}: uniform noise of the same budget already brings the "
+            f"{threat_model}: no verdict on {defense}: {_uniform(baseline_text)} already brings the "
             f"attacker to the floor (noise minus floor {noise_gap.fmt(3)} in {name}), so the protection's own "
             f"effect cannot be told apart from its budget. {levels}."
         )
@@ -382,7 +390,7 @@ def judge(
         **kw,
     )
     v.protection = protection
-    scale = f"0 = noise of the same budget, 1 = the floor, {floor_text}"
+    scale = f"0 = {baseline_text}, 1 = the floor, {floor_text}"
     if protection.defined and protection.low > min_effect:
         v.outcome = "protects"
         head = f"{defense} protects: protection {protection.fmt(3)} > {min_effect:g} ({scale})"
@@ -456,7 +464,14 @@ def method_note(min_effect: float, level: float = 0.95, n_boot: int = N_BOOTSTRA
             "floor, or there is no verdict);",
             f"- **floor**: the attacker with nothing useful ({floors});",
             "- **noise baseline**: uniform noise at the protection's realised L-inf budget on these images, under "
-            "the same purifiers.",
+            "the same purifiers"
+            + "".join(
+                f"; {tm.name} has none (no perturbation budget): its protection is measured from the positive "
+                f"control, protection = (clean - protected) / (clean - floor)"
+                for tm in threat_models().values()
+                if tm.baseline == "clean"
+            )
+            + ".",
             "",
             "With success oriented so that higher is the attacker's gain:",
             "",

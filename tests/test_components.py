@@ -116,6 +116,12 @@ def test_defense_contract(name, tmp_path):
     ctx = Context(device="cpu", batch_size=2, model=ModelSpec(source=source, resolution=32))
     out = defense.protect(clean, make_generator(0), ctx)
     prot = out.images
+    if defense.changes_layout:  # instance encodings: a new set of images at the same size, deterministic
+        assert prot.size == clean.size and len(prot) >= 1 and prot.images.dtype == torch.float32
+        assert 0 <= prot.images.min() and prot.images.max() <= 1 and not set(prot.ids) & set(clean.ids)
+        assert all(isinstance(v, float) for v in out.info.values()) and defense.budget is None
+        assert torch.equal(defense.protect(clean, make_generator(0), ctx).images.images, prot.images)
+        return
     assert prot.images.shape == clean.images.shape and prot.images.dtype == torch.float32
     assert 0 <= prot.images.min() and prot.images.max() <= 1
     assert prot.ids == clean.ids and prot.captions == clean.captions

@@ -5,9 +5,20 @@ a protected image and the edit of the clean image, higher means the protection f
 """
 
 from harness.metrics.distance import L2Distance, LatentDistance, LinfDistance
-from harness.metrics.similarity import FSIM, LPIPS, PSNR, SSIM, VIFp
+from harness.metrics.similarity import FSIM, LPIPS, PSNR, SSIM, SSIMAtLeast, VIFp
 
-__all__ = ["PSNR", "SSIM", "VIFp", "FSIM", "LPIPS", "LinfDistance", "L2Distance", "LatentDistance", "budget_metrics"]
+__all__ = [
+    "PSNR",
+    "SSIM",
+    "SSIMAtLeast",
+    "VIFp",
+    "FSIM",
+    "LPIPS",
+    "LinfDistance",
+    "L2Distance",
+    "LatentDistance",
+    "budget_metrics",
+]
 
 
 def budget_metrics():

@@ -66,6 +66,27 @@ class SSIM(Metric):
         )
 
 
+class SSIMAtLeast(Metric):
+    """1 where an image's SSIM (:class:`SSIM`) to its reference is at least ``threshold``, else 0: the fraction of
+    images an attacker recovered (a yes/no judgement; its intervals use the Jeffreys-smoothed bootstrap).
+
+    Args:
+        threshold: in [0, 1].
+    """
+
+    name = "ssim_at_least"
+    version = "1"
+    higher_is_better = True
+    binary = True
+
+    def __init__(self, threshold: float = 0.5, kernel_size: int = 11, kernel_sigma: float = 1.5):
+        self.threshold = check_range("metrics.ssim_at_least.threshold", threshold, 0.0, 1.0)
+        self.ssim = SSIM(kernel_size, kernel_sigma)
+
+    def per_image(self, outputs: ImageSet, references: ImageSet) -> torch.Tensor:
+        return (self.ssim.per_image(outputs, references) >= self.threshold).double()
+
+
 class VIFp(Metric):
     """Pixel-domain visual information fidelity (Sheikh & Bovik 2006), per image, via ``piq.vif_p``.
 

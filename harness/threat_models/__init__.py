@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 from harness.errors import ConfigError
 
@@ -38,8 +40,15 @@ class ThreatModel:
         attack: the verb of a verdict sentence ("the attacker could not <attack> even the clean images").
         floor: what the floor control is (:meth:`harness.protocols.Mimic.floor` implements it).
         positive_control: what the positive control is.
-        budget_norm: the norm of the budget its noise baseline is matched in.
+        budget_norm: the norm of the budget its noise baseline is matched in ("none": protections of this
+            threat model have no perturbation budget, and no noise baseline runs).
         floor_reseeds: the floor of a mimic that defines none is its own run under another seed.
+        baseline: what a protection's effect is measured from: ``"noise"`` (uniform noise of the protection's
+            budget, run as ``control=noise``) or ``"clean"`` (the positive control itself: 0 = as if unprotected).
+        baseline_text: how verdicts name that baseline.
+        prepare: None, or ``prepare(outputs, references) -> (outputs, references)``: what the measures compare,
+            from the mimic's outputs and the references the pipeline chose (the privacy threat model matches
+            unordered reconstructions to the private images there).
     """
 
     name: str
@@ -50,10 +59,15 @@ class ThreatModel:
     positive_control: str
     budget_norm: str = "linf"
     floor_reseeds: bool = False
+    baseline: str = "noise"
+    baseline_text: str = "noise of the same budget"
+    prepare: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         if self.reference not in REFERENCES:
             raise ValueError(f"threat model {self.name}: reference must be one of {list(REFERENCES)}")
+        if self.baseline not in ("noise", "clean"):
+            raise ValueError(f"threat model {self.name}: baseline must be 'noise' or 'clean'")
 
     def result_key(self, metric: str) -> str:
         """The name of ``metric``'s result in rows: ``<threat model>/<metric>``."""
