@@ -30,12 +30,18 @@ published colour adjustment is a learned post-processing step, not implemented h
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
 from harness.protocols import ConfigError, Context, Mimic, check_int
+from harness.seeding import derive_seed, make_generator
 from harness.threat_models.privacy import read_encodings_caption, recoverable
 from harness.types import ImageSet
+
+log = logging.getLogger(__name__)
 
 __all__ = ["similarity", "group", "recover", "refine", "reconstruct", "InstaHideReconstruction"]
 
@@ -79,58 +85,91 @@ def recover(encodings: torch.Tensor, k: int = 1) -> torch.Tensor:
 
 
 def refine(
-    encodings: torch.Tensor, images: torch.Tensor, labels: np.ndarray, k: int, members: int, iterations: int
-) -> torch.Tensor:
+    encodings: torch.Tensor,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    k: int,
+    members: int,
+    iterations: Sequence[int],
+) -> list[torch.Tensor]:
     """The joint refinement (module docstring): a non-negative factorisation ``|E| ~ W Y`` started from the
-    groups (``W``) and their images (``Y``), ``iterations`` multiplicative updates; each row of ``Y`` is then
-    scaled so that its ``members`` largest loadings (the encodings it is expected to be mixed into) average
-    ``1 / k``."""
+    groups (``W``) and their images (``Y``), run by multiplicative updates; returns the images after each count
+    in ``iterations`` (one run, cumulative: the updates are stateless, so stopping and going on is the same as
+    running longer). Each row of ``Y`` is scaled so that its ``members`` largest loadings (the encodings it is
+    expected to be mixed into) average ``1 / k``."""
+    import warnings
+
     from sklearn.decomposition import NMF
 
     n = len(images)
     a = encodings.abs().flatten(1).double().numpy()
-    w0 = np.full((len(a), n), 1e-3)
-    w0[np.arange(len(a)), labels] = 1.0 / k
-    h0 = images.flatten(1).double().numpy() + 1e-3
-    model = NMF(n, init="custom", solver="mu", beta_loss="frobenius", max_iter=iterations, tol=0.0)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the iteration count is the setting: it always "fails to converge"
-        w = model.fit_transform(a, W=w0, H=h0)
-    h = model.components_
+    w = np.full((len(a), n), 1e-3)
+    w[np.arange(len(a)), labels] = 1.0 / k
+    h = images.flatten(1).double().numpy() + 1e-3
     top = max(1, min(members, len(a)))
-    scale = np.sort(w, axis=0)[-top:].mean(axis=0) * k
-    y = h * scale[:, None]
-    return torch.from_numpy(y).clamp(0, 1).float().view(images.shape)
+    out, done = [], 0
+    for count in sorted(iterations):
+        if count > done:
+            model = NMF(n, init="custom", solver="mu", beta_loss="frobenius", max_iter=count - done, tol=0.0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the iteration count is the setting: it always "fails to converge"
+                w = model.fit_transform(a, W=w, H=h)
+            h, done = model.components_, count
+        if count == 0:
+            out.append(images.clone())
+            continue
+        scale = np.sort(w, axis=0)[-top:].mean(axis=0) * k
+        out.append(torch.from_numpy(h * scale[:, None]).clamp(0, 1).float().view(images.shape))
+    return out
 
 
 def reconstruct(
-    encodings: torch.Tensor, n_private: int, k: int = 1, members: int | None = None, iterations: int = 0, seed: int = 0
-) -> tuple[torch.Tensor, np.ndarray]:
+    encodings: torch.Tensor,
+    n_private: int,
+    k: int = 1,
+    members: int | None = None,
+    iterations: int | Sequence[int] = 0,
+    seed: int = 0,
+) -> tuple[torch.Tensor | list[torch.Tensor], np.ndarray]:
     """The attack end to end on encodings (M, 3, H, W) in [-1, 1]: (n_private, 3, H, W) reconstructions of
     ``|2 p - 1|`` (unordered: the attacker does not know which original each one is) and each encoding's group.
     ``members``: how many encodings each private image is expected in (the refinement's scale; default
-    ``M / n_private``); ``iterations``: of the joint refinement (0: none; never for k = 1)."""
+    ``M / n_private``); ``iterations``: of the joint refinement (0: none; never for k = 1), or a list of counts:
+    then one set of reconstructions per count, in the list's order."""
+    counts = [iterations] if isinstance(iterations, int) else list(iterations)
     labels = group(similarity(encodings), n_private, seed)
     images = torch.stack([recover(encodings[torch.from_numpy(labels == g)], k) for g in range(n_private)])
-    if iterations > 0 and k > 1 and n_private < len(encodings):  # k = 1: each group is one image, exactly
+    if max(counts, default=0) > 0 and k > 1 and n_private < len(encodings):  # k = 1: each group is one image
         members = members if members is not None else len(encodings) // n_private
-        images = refine(encodings, images, labels, k, members, iterations)
-    return images, labels
+        path = dict(zip(sorted(counts), refine(encodings, images, labels, k, members, counts), strict=True))
+        results = [path[c] for c in counts]
+    else:
+        results = [images for _ in counts]
+    return (results[0] if isinstance(iterations, int) else results), labels
+
+
+#: the refinement's iteration counts the attacker chooses among (``refine_iterations: auto``)
+AUTO_ITERATIONS = (0, 30, 100, 300)
 
 
 class InstaHideReconstruction(Mimic):
     """The reconstruction attack on instance encodings (module docstring) as the privacy threat model's mimic.
 
-    Reads the scheme's public parameters from the encodings' captions (the number of private images, k and how
-    many of the k are private); images without them are taken as the private images themselves, each its own
-    encoding with k = 1 (the audit's clean control). Outputs one reconstruction of ``|2 p - 1|`` per private
-    image, unordered, ids ``rec000`` ... (the measure matches them to the private images).
+    Reads the scheme's public parameters from the encodings' captions (the number of private images, k, how many
+    of the k are private, encodings per image); images without them are taken as the private images themselves,
+    each its own encoding with k = 1 (the audit's clean control). Outputs one reconstruction of ``|2 p - 1|`` per
+    private image, unordered, ids ``rec000`` ... (the measure matches them to the private images).
+
+    With ``refine_iterations: auto`` the attacker rehearses on its own public images, as Carlini et al. train their
+    similarity on public data: it encodes as many public images with the published parameters (public partners
+    for the cross-dataset variant from the rest of its public set), attacks them with each count of
+    :data:`AUTO_ITERATIONS`, and uses the count whose matched SSIM to the public images is highest.
 
     Args:
-        refine_iterations: multiplicative updates of the joint refinement (0: groups and rank-one images only).
-        public: a dataset config (``_target_``) of the attacker's public images: the floor control.
+        refine_iterations: multiplicative updates of the joint refinement (0: groups and rank-one images only), or
+            ``"auto"``.
+        public: a dataset config (``_target_``) of the attacker's public images: the floor control and the
+            rehearsal.
     """
 
     name = "instahide_reconstruction"
@@ -138,11 +177,17 @@ class InstaHideReconstruction(Mimic):
     threat_model = "privacy"
     uses_model = False
 
-    def __init__(self, refine_iterations: int = 300, public: object = None) -> None:
-        self.refine_iterations = check_int("mimic.refine_iterations", refine_iterations, 0)
+    def __init__(self, refine_iterations: int | str = "auto", public: object = None) -> None:
+        if refine_iterations != "auto":
+            check_int("mimic.refine_iterations", refine_iterations, 0)
+        self.refine_iterations = refine_iterations
         self.public = public
         if public is not None and not callable(getattr(public, "load", None)):
             raise ConfigError(f"mimic.public: expected a dataset config (with _target_), got {public!r}")
+        if refine_iterations == "auto" and public is None:
+            raise ConfigError(
+                "mimic.refine_iterations=auto rehearses on the attacker's public images: set mimic.public"
+            )
 
     def run(self, images: ImageSet, generator: torch.Generator, ctx: Context) -> ImageSet:
         if len(images) == 0:
@@ -153,16 +198,57 @@ class InstaHideReconstruction(Mimic):
         params = read_encodings_caption(images.captions[0])
         m = len(images)
         if params is None:  # not encodings: each image is its own private image (k = 1)
-            n, k, members = m, 1, 1
-        else:
-            n, k = params["private_images"], params["k"]
-            members = max(1, round(m * params["private_per_encoding"] / n))
-            if not 1 <= n <= m:
-                raise ValueError(f"instahide_reconstruction: the captions state {n} private images for {m} encodings")
-        e = images.images * 2 - 1
-        recon, _ = reconstruct(e, n, k, members, self.refine_iterations, seed=generator.initial_seed() % (2**31))
+            params = {"private_images": m, "k": 1, "private_per_encoding": 1, "encodings_per_image": 1}
+        n, k = params["private_images"], params["k"]
+        if not 1 <= n <= m:
+            raise ValueError(f"instahide_reconstruction: the captions state {n} private images for {m} encodings")
+        members = max(1, round(m * params["private_per_encoding"] / n))
+        seed = generator.initial_seed() % (2**31)
+        iterations = self.refine_iterations
+        if iterations == "auto":
+            iterations = self._rehearse(params, images.size[0], seed) if k > 1 and n < m else 0
+        recon, _ = reconstruct(images.images * 2 - 1, n, k, members, int(iterations), seed=seed)
         ids = tuple(f"rec{j:03d}" for j in range(n))
         return ImageSet(recon, ids, ("",) * n)
+
+    def _rehearse(self, params: dict[str, int], side: int, seed: int) -> int:
+        """The refinement count of :data:`AUTO_ITERATIONS` that reconstructs the attacker's own public images
+        best when they are encoded with the published parameters (matched SSIM to ``|2 q - 1|``)."""
+        from harness.instance_encoding import encode
+        from harness.metrics import SSIM
+        from harness.threat_models.privacy import match_to_references
+
+        public = self.public.load().resized(side)
+        order = torch.randperm(len(public), generator=make_generator(derive_seed(seed, "rehearsal"))).tolist()
+        n, k, q = params["private_images"], params["k"], params["private_per_encoding"]
+        stand_in = public.select(order[:n])
+        pool = public.select(order[n:]).images if q < k and len(order) > n else None
+        if len(stand_in) < max(2, q) or (q < k and pool is None):
+            return 0  # too few public images to rehearse with
+        enc = encode(
+            stand_in.images,
+            stand_in.ids,
+            derive_seed(seed, "rehearsal-encoding"),
+            k=k,
+            encodings_per_image=params["encodings_per_image"],
+            public=pool,
+            private_slots=q,
+        )
+        members = max(1, round(len(enc.images) * q / len(stand_in)))
+        results, _ = reconstruct(enc.images, len(stand_in), k, members, list(AUTO_ITERATIONS), seed=seed)
+        target = recoverable(stand_in)
+        scores = []
+        for recon in results:
+            out = ImageSet(recon, tuple(f"r{j}" for j in range(len(recon))), ("",) * len(recon))
+            scores.append(float(SSIM()(match_to_references(out, target), target).mean()))
+        best = AUTO_ITERATIONS[int(np.argmax(scores))]
+        log.info(
+            "instahide_reconstruction: rehearsal on %d public images: SSIM %s -> %d refinement iterations",
+            len(stand_in),
+            [round(x, 3) for x in scores],
+            best,
+        )
+        return best
 
     def floor(self, images: ImageSet, generator: torch.Generator, ctx: Context) -> ImageSet:
         """The attacker's public images in place of reconstructions: as many as ``images`` (the private images),

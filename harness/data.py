@@ -44,6 +44,7 @@ from harness.errors import ConfigError, DataError
 from harness.types import ImageSet
 
 __all__ = [
+    "CombinedImages",
     "HELD_OUT_PHOTOS",
     "SAMPLE_PHOTOS",
     "TRAIN_PHOTOS",
@@ -546,3 +547,33 @@ class SamplePhotos:
             self.names,
             tuple(SAMPLE_PHOTOS[n][1] for n in self.names),
         )
+
+
+class CombinedImages:
+    """Several datasets as one set (their images in order; every part at the same size, ids unique).
+
+    Args:
+        parts: dataset objects (anything with ``load() -> ImageSet``; in a config, a list of ``_target_`` nodes).
+    """
+
+    name: ClassVar[str] = "combined"
+    version: ClassVar[str] = "1"
+
+    def __init__(self, parts: list[Any]) -> None:
+        parts = list(parts) if parts is not None and not isinstance(parts, (str, bytes)) else []
+        if not parts or not all(callable(getattr(p, "load", None)) for p in parts):
+            raise ConfigError(f"dataset.parts must be a non-empty list of dataset configs (_target_), got {parts!r}")
+        self.parts = parts
+
+    def __repr__(self) -> str:
+        return f"CombinedImages(parts={self.parts!r})"
+
+    def load(self) -> ImageSet:
+        sets = [p.load() for p in self.parts]
+        sizes = {s.size for s in sets if len(s)}
+        if len(sizes) > 1:
+            raise ConfigError(f"dataset.parts: the parts load at different sizes {sorted(sizes)}; set one size")
+        ids = [i for s in sets for i in s.ids]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("dataset.parts: two parts share image ids")
+        return ImageSet.concat(sets)

@@ -30,6 +30,7 @@ import pandas as pd
 from harness.cache import ArtifactStore, atomic_write_text, load_imageset
 from harness.report import html_page, safe_filename, save_grid
 from harness.summary import BEST_OF, sizes_line, summarize
+from harness.threat_models import threat_model as get_threat_model
 from harness.verdict import binary_metrics, controls_from_rows, fmt_interval, judge, method_note, verdict_settings
 
 log = logging.getLogger(__name__)
@@ -67,34 +68,45 @@ def _short(metric: str) -> str:
     return metric.split("/", 1)[-1]
 
 
+def _natural(label: str) -> list:
+    """A sort key that orders the numbers inside a label by value (k=2 before k=10)."""
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(label))]
+
+
 def _base(label: str) -> str:
     return str(label).split("[", 1)[0]
 
 
-def _grid(store: ArtifactStore, lines: list[tuple[str, str, str | None]], out: Path, n: int) -> Path | None:
-    """A labelled grid with one image row per ``(label, stage, key)``; None when the cache lacks any of them."""
+def _grid(store: ArtifactStore, lines: list[tuple], out: Path, n: int) -> Path | None:
+    """A labelled grid with one image row per ``(label, stage, key)`` or ``(label, stage, key, transform)`` (a
+    transform maps the stored set and the first line's set to what the row shows); None when the cache lacks any
+    of them."""
     import torch
 
-    images, labels = [], []
-    for label, stage, key in lines:
+    images, labels, first = [], [], None
+    for label, stage, key, *transform in lines:
         art = store.get(stage, key) if key else None
         if art is None:
             return None
-        images.append(load_imageset(art.path)[0].images[:n])
+        loaded = load_imageset(art.path)[0]
+        first = loaded if first is None else first
+        if transform and transform[0] is not None:  # e.g. reconstructions matched to the first line's images
+            loaded = transform[0](loaded, first)
+        images.append(loaded.images[:n])
         labels.append(label)
     k = min(len(x) for x in images)
     save_grid(torch.cat([x[:k] for x in images]), len(images), out, labels=labels, scale=2, label_width=220)
     return out
 
 
-def _write_grid(
-    store: ArtifactStore | None, lines: list[tuple[str, str, str | None]], out: Path, n: int, title: str
-) -> list[str]:
+def _write_grid(store: ArtifactStore | None, lines: list[tuple], out: Path, n: int, title: str) -> list[str]:
     """Draw the grid (or keep the one already at ``out``) and return its report lines (none without a grid)."""
     made = _grid(store, lines, out, n) if store is not None else None
     if made is None and not out.is_file():
         return []
-    legend = "; ".join(f"row {i + 1}: {label}" for i, (label, _, _) in enumerate(lines))
+    legend = "; ".join(f"row {i + 1}: {line[0]}" for i, line in enumerate(lines))
     return [f"![{title}]({out.name})", "", f"{title}. Grid rows: {legend}.", ""]
 
 
@@ -153,7 +165,13 @@ class _Experiment:
     @cached_property
     def protections(self) -> list[str]:
         plain = self.plain
-        return sorted(set(plain.loc[plain["role"] == "protected", "defense"]))
+        return sorted(set(plain.loc[plain["role"] == "protected", "defense"]), key=_natural)
+
+    @property
+    def noise_baseline(self) -> bool:
+        """Whether the success metric's threat model measures protections from noise of their budget (privacy:
+        from the positive control, no budget)."""
+        return get_threat_model(self.success.split("/", 1)[0], option="report.success").baseline == "noise"
 
     @cached_property
     def by_label(self) -> dict[tuple[str, str, str, str], dict[str, Any]]:
@@ -192,7 +210,7 @@ def write_experiment_report(
     table["role"] = _role_column(table, baseline)
     ex = _Experiment(results_dir, rows, spec, table, higher, store, baseline, min_effect)
     tables, grids = (_metrics_tables(ex), _metrics_grids(ex)) if layout == "metrics" else _matrix_layout(ex)
-    md = [*_header(ex), *_findings(ex), *_refused_note(ex), *tables, "", method_note(ex.min_effect), ""]
+    md = [*_header(ex), *_findings(ex), *_refused_note(ex), *tables, "", *_curve(ex), method_note(ex.min_effect), ""]
     if grids:
         md += ["## Image grids", "", *grids]
     md.append("Generated from the rows; do not edit. Rebuild with `python -m harness.tables`.")
@@ -218,7 +236,12 @@ def _header(ex: _Experiment) -> list[str]:
         f"`{rows[0]['labels']['model']}`, seed(s) {ex.seeds}. Each cell: mean over images and seeds [95% bootstrap "
         "interval over seeds, then images]; set-level metrics (FID, KID, precision) are one number per run. "
         "Arrows: the attacker's better direction. Each protection has its own controls: the clean images "
-        "(positive control), the floor and uniform noise at its realised L-inf budget (see Method).",
+        + (
+            "(positive control), the floor and uniform noise at its realised L-inf budget (see Method)."
+            if ex.noise_baseline
+            else "(positive control) and the floor; no noise baseline: the protection has no perturbation budget, and "
+            "its effect is measured from the positive control (see Method)."
+        ),
         "",
         *([sizes, ""] if (sizes := sizes_line(rows)) is not None else []),
     ]
@@ -276,12 +299,12 @@ def _refused_note(ex: _Experiment) -> list[str]:
 
 def _metrics_tables(ex: _Experiment) -> list[str]:
     """``layout: metrics``: one table, a line per protection x role x edit, a column per reported metric."""
-    columns = ex.columns
+    columns, budget = ex.columns, ex.noise_baseline  # no budget columns for protections without a budget
     md = [
-        "| protection | role | edit | "
+        f"| protection | role | {'edit' if budget else 'attack'} | "
         + " | ".join(f"{_short(c)} {ex.arrow(c)}" for c in columns)
-        + " | L-inf (x255) | L2 |",
-        "|---|---|---|" + "---|" * (len(columns) + 2),
+        + (" | L-inf (x255) | L2 |" if budget else " |"),
+        "|---|---|---|" + "---|" * (len(columns) + (2 if budget else 0)),
     ]
     for mimic in ex.mimics:
         for d, role, r in _metrics_lines(ex, ex.plain[ex.plain["mimic"] == mimic]):
@@ -289,7 +312,7 @@ def _metrics_tables(ex: _Experiment) -> list[str]:
             md.append(
                 f"| {d} | {ROLE_NAMES[role]} | {mimic} | "
                 + " | ".join(_cell(r, c) for c in columns)
-                + f" | {255 * linf:.2f} | {l2:.3f} |"
+                + (f" | {255 * linf:.2f} | {l2:.3f} |" if budget else " |")
             )
     return [*md, ""]
 
@@ -308,7 +331,7 @@ def _metrics_lines(ex: _Experiment, t_m: pd.DataFrame) -> list[tuple[str, str, p
             lines.append((d, r["role"], r))
     for _, r in t_m[(t_m["role"] == "noise") & (t_m["control"] == "")].iterrows():
         lines.append((r["defense"], "noise", r))
-    return sorted(lines, key=lambda x: (x[0] != "(any)", x[0], order[x[1]]))
+    return sorted(lines, key=lambda x: (x[0] != "(any)", _natural(x[0]), order[x[1]]))
 
 
 def _metrics_grids(ex: _Experiment) -> list[str]:
@@ -316,6 +339,9 @@ def _metrics_grids(ex: _Experiment) -> list[str]:
     (the first seed's rows)."""
     grids: list[str] = []
     by_label, protections = ex.by_label, ex.protections
+    prepare = get_threat_model(ex.success.split("/", 1)[0], option="report.success").prepare
+    if prepare is not None:
+        return _matched_grids(ex, prepare)
     for mimic in ex.mimics:
         first = next((v for k, v in by_label.items() if k[3] == mimic and k[1] == ""), None)
         if first is None:
@@ -337,6 +363,116 @@ def _metrics_grids(ex: _Experiment) -> list[str]:
         out = ex.results_dir / safe_filename(f"grid_{mimic}.png")
         grids += _write_grid(ex.store, lines, out, ex.n_images, f"{mimic} edits")
     return grids
+
+
+def _matched_grids(ex: _Experiment, prepare: Any) -> list[str]:
+    """For a threat model whose outputs are unordered (reconstructions): per mimic, the clean images, what the
+    measures compare with, the floor and each protection's outputs, every set matched to the clean images the
+    way the measures match them (the first seed's rows)."""
+    grids: list[str] = []
+    match = lambda x, c: prepare(x, c)[0]  # noqa: E731
+    for mimic in ex.mimics:
+        mine = {k: v for k, v in ex.by_label.items() if k[3] == mimic and k[2] == "none"}
+        first = next((v for k, v in sorted(mine.items()) if k[1] == ""), None)
+        if first is None:
+            continue
+        data = first["stage_keys"].get("data")
+        lines: list[tuple] = [
+            ("private images", "data", data),
+            ("what the measures compare with", "data", data, lambda x, c: prepare(c, c)[1]),
+        ]
+        floor = next((v for k, v in sorted(mine.items()) if k[1] == "floor"), None)
+        if floor is not None:
+            lines.append(("floor, matched", "mimic", floor["stage_keys"].get("mimic"), match))
+        for (d, c, _, _), r in sorted(mine.items(), key=lambda kv: _setting_order(kv[1])):
+            if c == "" and d in ex.protections:
+                label = ", ".join(f"{k}={v}" for k, v in _settings(r).items()) or d
+                lines.append((f"{label}, matched", "mimic", r["stage_keys"].get("mimic"), match))
+        out = ex.results_dir / safe_filename(f"grid_{mimic}.png")
+        grids += _write_grid(ex.store, lines, out, ex.n_images, f"{mimic}: reconstructions")
+    return grids
+
+
+def _settings(row: dict[str, Any]) -> dict[str, Any]:
+    """The defense settings a row's label names (``instahide[k=2,encodings_per_image=5]`` -> k, encodings_per_image)
+    with their values from the row's config."""
+    label = str(row["labels"]["defense"])
+    items = label.split("[", 1)[1].rstrip("]").split(",") if "[" in label else []
+    names = [item.split("=", 1)[0] for item in items]
+    cfg = (row.get("config") or {}).get("defense") or {}
+    return {n: cfg.get(n) for n in names if n in cfg}
+
+
+def _setting_order(row: dict[str, Any]) -> tuple:
+    return tuple((k, float(v) if isinstance(v, (int, float)) else str(v)) for k, v in _settings(row).items())
+
+
+def _curve(ex: _Experiment) -> list[str]:
+    """``report.curve: {x: <defense option>, series: <defense option>}``: the success of the protected rows (no
+    purifier) against one defense setting, one line per value of another, mean and interval over seeds and
+    images; with the controls' levels as horizontal lines."""
+    spec = ex.spec.get("curve")
+    if not spec:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from harness.cache import atomic_write_bytes
+    from harness.verdict import bootstrap_ci, values_of
+
+    x_key, s_key = str(spec["x"]), str(spec["series"])
+    binary = ex.success in binary_metrics(ex.rows)
+    groups: dict[Any, dict[float, list[dict[str, Any]]]] = {}
+    controls: dict[str, list[dict[str, Any]]] = {}
+    for r in ex.rows:
+        if r["labels"]["purifier"] != "none":
+            continue
+        control = r["labels"].get("control", "")
+        if control:
+            controls.setdefault(control, []).append(r)
+            continue
+        cfg = (r.get("config") or {}).get("defense") or {}
+        if x_key in cfg and s_key in cfg:
+            groups.setdefault(cfg[s_key], {}).setdefault(float(cfg[x_key]), []).append(r)
+    if not groups:
+        return []
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
+    table = [
+        f"| {s_key} | " + " | ".join(f"{x_key}={x:g}" for x in sorted({x for g in groups.values() for x in g})) + " |"
+    ]
+    xs_all = sorted({x for g in groups.values() for x in g})
+    table.append("|---|" + "---|" * len(xs_all))
+    for series in sorted(groups):
+        pts = {x: bootstrap_ci(values_of(rs, ex.success), binary=binary) for x, rs in groups[series].items()}
+        xs = sorted(pts)
+        ax.errorbar(
+            xs,
+            [pts[x][0] for x in xs],
+            yerr=[[pts[x][0] - pts[x][1] for x in xs], [pts[x][2] - pts[x][0] for x in xs]],
+            marker="o",
+            capsize=3,
+            label=f"{s_key}={series}",
+        )
+        table.append(f"| {series} | " + " | ".join(fmt_interval(*pts[x]) if x in pts else "-" for x in xs_all) + " |")
+    for control, style in (("clean", ":"), ("floor", "--")):
+        if controls.get(control):
+            level = bootstrap_ci(values_of(controls[control], ex.success), binary=binary)[0]
+            ax.axhline(level, color="grey", linestyle=style, linewidth=1, label=f"{control} control")
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(ex.success)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    out = ex.results_dir / "curve.png"
+    atomic_write_bytes(out, buf.getvalue())
+    title = f"{_short(ex.success)} {ex.arrow(ex.success)} against {x_key}, per {s_key} (protected, no purifier)"
+    return [f"## {title}", "", *table, "", f"![{title}]({out.name})", ""]
 
 
 def _matrix_layout(ex: _Experiment) -> tuple[list[str], list[str]]:

@@ -154,3 +154,16 @@ def test_a_folder_of_the_users_art_is_measured_with_any_art_metrics():
     assert _success_metric(rows, "mimicry", spec) == "mimicry/style_gram_distance"
     rows = [{"per_image": {"mimicry/style_match": [1.0], "mimicry/style_gram_distance": [1.0]}}]
     assert _success_metric(rows, "mimicry", spec) == "mimicry/style_match"
+
+
+def test_privacy_audit_plans_controls_without_noise_or_model():
+    """InstaHide claims only the privacy threat model: its audit runs the protection, the clean control and the
+    floor for every seed, no noise baseline (there is no budget to match), no purifier and no model."""
+    from harness.audit import audit_runs
+
+    runs = audit_runs(["defense=instahide"])
+    assert runs and all("~model" in r and "mimic=instahide_reconstruction" in r for r in runs)
+    assert not any("control=noise" in r for r in runs)
+    roles = sorted(next((o for o in r if o.startswith("control=")), "protected") for r in runs)
+    assert roles == sorted(["protected", "control=clean", "control=floor"] * 3)
+    assert all("purifier=none" in r for r in runs)

@@ -297,3 +297,19 @@ def test_sample_photos_names_order_and_errors() -> None:
         SamplePhotos(names=["skimage/nope"])
     with pytest.raises(ConfigError, match="dataset.names"):
         SamplePhotos(names="skimage/astronaut")
+
+
+def test_combined_images_concatenate_parts_and_refuse_mixed_sizes():
+    from harness.data import CombinedImages, SamplePhotos
+    from harness.world import ProceduralArt
+
+    photos = SamplePhotos(names=["skimage/camera", "skimage/coins"], size=32)
+    art = ProceduralArt(artists="held_out", subjects=["house"], per_pair=1, size=32, split="eval")
+    both = CombinedImages([photos, art]).load()
+    assert both.ids == photos.load().ids + art.load().ids and both.size == (32, 32)
+    with pytest.raises(ConfigError, match="different sizes"):
+        CombinedImages([photos, SamplePhotos(names=["skimage/camera"], size=48)]).load()
+    with pytest.raises(ConfigError, match="share image ids"):
+        CombinedImages([photos, photos]).load()
+    with pytest.raises(ConfigError, match="dataset.parts"):
+        CombinedImages([])

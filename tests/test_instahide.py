@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from defenses.instahide import encode, mixing_weights
 from harness.errors import ConfigError
+from harness.instance_encoding import encode, mixing_weights
 
 
 def _images(n: int, side: int = 8, seed: int = 0) -> torch.Tensor:

@@ -159,3 +159,33 @@ def test_noise_excess_is_the_wavelet_noise_level_difference_and_sees_added_noise
     # another clean render of the same artists is not mistaken for noise
     other = ProceduralArt(artists=["cyanora", "aquarela"], per_pair=1, size=64, seed=7).load().select(slice(0, 4))
     assert float(metric(ImageSet(other.images, art.ids, art.captions), art).abs().max()) < 0.5 * float(excess.min())
+
+
+def test_ssim_at_least_is_the_thresholded_ssim_against_scikit_image():
+    from skimage.metrics import structural_similarity
+
+    from harness.metrics import SSIMAtLeast
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(6, 3, 16, 16, generator=g)
+    noise = torch.linspace(0.02, 0.6, 6).view(6, 1, 1, 1) * torch.randn(6, 3, 16, 16, generator=g)
+    out = (ref + noise).clamp(0, 1)
+    ids = tuple(f"i{j}" for j in range(6))
+    a, b = ImageSet(out, ids, ("",) * 6), ImageSet(ref, ids, ("",) * 6)
+    expect = [
+        structural_similarity(
+            o.permute(1, 2, 0).numpy(),
+            r.permute(1, 2, 0).numpy(),
+            channel_axis=2,
+            data_range=1.0,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+        )
+        >= 0.5
+        for o, r in zip(out, ref, strict=True)
+    ]
+    got = SSIMAtLeast(0.5)(a, b).tolist()
+    assert got == [float(e) for e in expect] and 0 < sum(got) < 6 and SSIMAtLeast.binary
+    with pytest.raises(ConfigError, match="threshold"):
+        SSIMAtLeast(1.5)

@@ -177,3 +177,21 @@ def test_values_of_and_best_of():
     other = {0: {"a": 0.3, "b": 0.1}, 1: {"a": 0.4, "b": 0.6}}
     assert best_of([v, other], higher=True) == {0: {"a": 0.3, "b": 0.9}, 1: {"a": 0.5, "b": 0.6}}
     assert best_of([v, other], higher=False) == {0: {"a": 0.1, "b": 0.1}, 1: {"a": 0.4, "b": 0.2}}
+
+
+def test_privacy_measures_protection_from_the_positive_control_without_a_noise_run():
+    """A threat model with ``baseline="clean"`` (privacy: no perturbation budget) needs no noise rows: the
+    protection is (clean - protected) / (clean - floor), and the sentence names that baseline."""
+    cs = ControlSet(clean=vals(1.0), floor=vals(0.1, phase=1.0), protected={"none": vals(0.3, phase=3.0)})
+    v = judge(cs, threat_model="privacy", defense="instahide", metric="privacy/ssim", higher=True)
+    assert v.outcome == "protects"
+    assert v.protection.value == pytest.approx((1.0 - 0.3) / (1.0 - 0.1), abs=0.02)
+    assert "0 = the images encoded alone (k = 1)" in v.sentence and "noise" not in v.sentence
+    weak = judge(
+        ControlSet(clean=vals(1.0), floor=vals(0.1, phase=1.0), protected={"none": vals(0.85, phase=3.0)}),
+        threat_model="privacy",
+        defense="instahide",
+        metric="privacy/ssim",
+        higher=True,
+    )
+    assert weak.outcome == "weak"

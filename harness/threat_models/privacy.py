@@ -67,18 +67,20 @@ def read_encodings_caption(caption: str) -> dict[str, int] | None:
 
 
 def _ssim_matrix(outputs: torch.Tensor, references: torch.Tensor, chunk: int = 4096) -> np.ndarray:
-    """(len(outputs), len(references)) SSIM of every pair (:class:`harness.metrics.SSIM`), in chunks of pairs."""
-    from harness.metrics import SSIM
+    """(len(outputs), len(references)) SSIM of every pair, with :class:`harness.metrics.SSIM`'s settings but in
+    float32 (ten times faster than its float64 on CPU; the matching only ranks pairs, the measures that follow
+    are computed by the metrics themselves)."""
+    import piq
 
-    ssim, n = SSIM(), len(references)
+    n = len(references)
     pairs = [(i, j) for i in range(len(outputs)) for j in range(n)]
     values = []
     for start in range(0, len(pairs), chunk):
         part = pairs[start : start + chunk]
-        ids = tuple(f"p{t}" for t in range(len(part)))
-        a = ImageSet(outputs[[i for i, _ in part]], ids, ("",) * len(part))
-        b = ImageSet(references[[j for _, j in part]], ids, ("",) * len(part))
-        values.append(ssim(a, b).numpy())
+        a = outputs[[i for i, _ in part]].float()
+        b = references[[j for _, j in part]].float()
+        ssim = piq.ssim(a, b, kernel_size=11, kernel_sigma=1.5, data_range=1.0, reduction="none", downsample=False)
+        values.append(ssim.double().numpy())
     return np.concatenate(values).reshape(len(outputs), n) if values else np.zeros((len(outputs), n))
 
 
