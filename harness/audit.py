@@ -33,9 +33,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from harness.cache import ArtifactStore, atomic_write_bytes, atomic_write_text, load_imageset
+from harness.cache import ArtifactStore, atomic_write_bytes, atomic_write_text
 from harness.errors import ConfigError, HarnessError
-from harness.report import html_page, safe_filename, save_grid
+from harness.report import grid_from_store, html_page, safe_filename
 from harness.run import compose_config, run_from_config
 from harness.summary import defense_objectives, load_rows, sizes_line
 from harness.threat_models import threat_model, threat_models
@@ -194,28 +194,13 @@ def _row_mean(rows: list[dict[str, Any]], metric: str, binary: bool = False) -> 
 
 
 def _grid(store: ArtifactStore | None, lines: list[tuple], out: Path, n_images: int) -> Path | None:
-    """A labelled grid, one image row per ``(label, stage, key)`` or ``(label, stage, key, transform)`` (a
-    transform maps the stored set and the first line's set to what the row shows), redrawn only when the store
-    holds every one of them; otherwise (a checkout re-rendering committed rows without their cache) the grid already beside the
-    report is kept as it is."""
-    import torch
-
-    images, labels, first = [], [], None
-    for label, stage, key, *transform in lines:
-        art = store.get(stage, key) if store is not None and key else None
-        if art is None:
-            return out if out.is_file() else None
-        loaded = load_imageset(art.path)[0]
-        first = loaded if first is None else first
-        if transform and transform[0] is not None:  # e.g. reconstructions matched to the first line's images
-            loaded = transform[0](loaded, first)
-        images.append(loaded.images[:n_images])
-        labels.append(label)
-    if not images:
+    """A labelled grid (:func:`harness.report.grid_from_store`), redrawn only when the store holds every line;
+    otherwise (a checkout re-rendering committed rows without their cache) the grid already beside the report is
+    kept as it is. Writes the legend beside it (``.txt``)."""
+    made = grid_from_store(store, lines, out, n_images, label_width=210)
+    if made is None:
         return out if out.is_file() else None
-    k = min(len(x) for x in images)
-    save_grid(torch.cat([x[:k] for x in images]), len(images), out, labels=labels, scale=2, label_width=210)
-    atomic_write_text(out.with_suffix(".txt"), "\n".join(f"row {i + 1}: {t}" for i, t in enumerate(labels)) + "\n")
+    atomic_write_text(out.with_suffix(".txt"), "\n".join(f"row {i + 1}: {t[0]}" for i, t in enumerate(lines)) + "\n")
     return out
 
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import pandas as pd
 
-from harness.cache import ArtifactStore, atomic_write_text, load_imageset
-from harness.report import html_page, safe_filename, save_grid
+from harness.cache import ArtifactStore, atomic_write_text
+from harness.report import grid_from_store, html_page, safe_filename
 from harness.summary import BEST_OF, sizes_line, summarize
 from harness.threat_models import threat_model as get_threat_model
 from harness.verdict import binary_metrics, controls_from_rows, fmt_interval, judge, method_note, verdict_settings
@@ -79,31 +79,9 @@ def _base(label: str) -> str:
     return str(label).split("[", 1)[0]
 
 
-def _grid(store: ArtifactStore, lines: list[tuple], out: Path, n: int) -> Path | None:
-    """A labelled grid with one image row per ``(label, stage, key)`` or ``(label, stage, key, transform)`` (a
-    transform maps the stored set and the first line's set to what the row shows); None when the cache lacks any
-    of them."""
-    import torch
-
-    images, labels, first = [], [], None
-    for label, stage, key, *transform in lines:
-        art = store.get(stage, key) if key else None
-        if art is None:
-            return None
-        loaded = load_imageset(art.path)[0]
-        first = loaded if first is None else first
-        if transform and transform[0] is not None:  # e.g. reconstructions matched to the first line's images
-            loaded = transform[0](loaded, first)
-        images.append(loaded.images[:n])
-        labels.append(label)
-    k = min(len(x) for x in images)
-    save_grid(torch.cat([x[:k] for x in images]), len(images), out, labels=labels, scale=2, label_width=220)
-    return out
-
-
 def _write_grid(store: ArtifactStore | None, lines: list[tuple], out: Path, n: int, title: str) -> list[str]:
     """Draw the grid (or keep the one already at ``out``) and return its report lines (none without a grid)."""
-    made = _grid(store, lines, out, n) if store is not None else None
+    made = grid_from_store(store, lines, out, n, label_width=220) if store is not None else None
     if made is None and not out.is_file():
         return []
     legend = "; ".join(f"row {i + 1}: {line[0]}" for i, line in enumerate(lines))

@@ -7,6 +7,7 @@ import html
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,6 +52,31 @@ def save_grid(
     buf = io.BytesIO()
     grid.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())  # a report never points at half a PNG
+
+
+def grid_from_store(store: Any, lines: Sequence[tuple], out: Path, n_images: int, label_width: int) -> Path | None:
+    """A labelled grid from an artifact store (``harness.cache.ArtifactStore``), one image row per
+    ``(label, stage, key)`` or ``(label, stage, key, transform)`` (a transform maps the stored set and the first
+    line's set to what the row shows, e.g. reconstructions matched to the private images). Returns ``out``, or
+    None when the store lacks any of them (nothing is written)."""
+    from harness.cache import load_imageset
+
+    images, labels, first = [], [], None
+    for label, stage, key, *transform in lines:
+        art = store.get(stage, key) if store is not None and key else None
+        if art is None:
+            return None
+        loaded = load_imageset(art.path)[0]
+        first = loaded if first is None else first
+        if transform and transform[0] is not None:
+            loaded = transform[0](loaded, first)
+        images.append(loaded.images[:n_images])
+        labels.append(label)
+    if not images:
+        return None
+    k = min(len(x) for x in images)
+    save_grid(torch.cat([x[:k] for x in images]), len(images), out, labels=labels, scale=2, label_width=label_width)
+    return out
 
 
 def _png_data(path: Path) -> str:

@@ -77,6 +77,8 @@ FAST = {
     "sds_plus": ["defense.steps=3"],
     "glaze_style": ["defense.steps=3", "defense.target_steps=5"],
     "aspl": ["defense.rounds=2", "defense.surrogate_steps=1", "defense.pgd_steps=2", "defense.prior_images=1"],
+    # the contract's 3 images: an inside-dataset encoding can mix at most 3 private images
+    "instahide": ["defense.k=3", "defense.encodings_per_image=2"],
 }
 
 
