@@ -108,7 +108,7 @@ def _cells(
         base = [f"dataset={spec.dataset}", model, f"metrics={metrics}", *spec.get("overrides", [])]
         own = [f"defense={defense}", *defense_opts]
         purifiers = list(_tm_setting(audit, tm, "purifiers", audit.purifiers))
-        noise_baseline = threat_model(tm).baseline == "noise" and not auditing_baseline
+        noise_baseline = threat_model(tm).noise_baseline and not auditing_baseline
         for seed in _tm_setting(audit, tm, "seeds", audit.seeds):
             for mimic in spec.mimics:
                 common = [*base, f"mimic={mimic}", f"seed={seed}"]
@@ -454,7 +454,7 @@ def _mimic_section(
     return sentence, [
         f"**Verdict ({mimic}).** {sentence}",
         "",
-        *_effects_table(v, threat_model(tm).baseline == "noise"),
+        *_effects_table(v, threat_model(tm).noise_baseline),
         *_success_table(rows, rep.roles, success, higher, binary),
         *_grid_section(rep.store, rows, rep.roles, tm, mimic, rep.out, int(rep.audit.get("grid_images", 6))),
         *_budget_sweep_section(rep, tm, rows, success, success in binary),

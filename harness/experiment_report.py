@@ -149,7 +149,7 @@ class _Experiment:
     def noise_baseline(self) -> bool:
         """Whether the success metric's threat model measures protections from noise of their budget (privacy:
         from the positive control, no budget)."""
-        return get_threat_model(self.success.split("/", 1)[0], option="report.success").baseline == "noise"
+        return get_threat_model(self.success.split("/", 1)[0], option="report.success").noise_baseline
 
     @cached_property
     def by_label(self) -> dict[tuple[str, str, str, str], dict[str, Any]]:

@@ -305,11 +305,6 @@ class Verdict:
     means: dict[str, Estimate] = field(default_factory=dict)
 
 
-def _uniform(baseline_text: str) -> str:
-    """The no-verdict sentence's subject: "uniform noise of the same budget" for the noise baseline."""
-    return f"uniform {baseline_text}" if baseline_text.startswith("noise") else baseline_text
-
-
 def _mean(values: Values, binary: bool, n_boot: int, level: float) -> Estimate:
     return paired_bootstrap({"x": values}, lambda m: m["x"], binary=binary, n_boot=n_boot, level=level)
 
@@ -331,7 +326,7 @@ def judge(
     name = metric.split("/", 1)[-1]
     tm = get_threat_model(threat_model, option="judge(threat_model=...)")
     attack, floor_text, baseline_text = tm.attack, tm.floor, tm.baseline_text
-    if tm.baseline == "clean":  # the effect is measured from the positive control: no budget, no noise run
+    if not tm.noise_baseline:  # the effect is measured from the positive control: no budget, no noise run
         cs = ControlSet(clean=cs.clean, floor=cs.floor, noise={"none": cs.clean}, protected=cs.protected)
     means: dict[str, Estimate] = {}
     for role, values in (("clean", cs.clean), ("floor", cs.floor), ("noise", cs.noise.get("none"))):
@@ -367,7 +362,7 @@ def judge(
     sign = "" if higher else " (lower is the attacker's gain)"
     levels = (
         f"{name}{sign}: protected {means['protected'].fmt(3)}, "
-        + (f"noise {means['noise'].fmt(3)}, " if tm.baseline == "noise" else "")
+        + (f"noise {means['noise'].fmt(3)}, " if tm.noise_baseline else "")
         + f"floor {means['floor'].fmt(3)}, clean {means['clean'].fmt(3)}"
     )
     if not (positive.defined and positive.low > 0):
@@ -379,7 +374,7 @@ def judge(
         return v
     if not (noise_gap.defined and noise_gap.low > 0):
         v.sentence = (
-            f"{threat_model}: no verdict on {defense}: {_uniform(baseline_text)} already brings the "
+            f"{threat_model}: no verdict on {defense}: uniform noise of the same budget already brings the "
             f"attacker to the floor (noise minus floor {noise_gap.fmt(3)} in {name}), so the protection's own "
             f"effect cannot be told apart from its budget. {levels}."
         )
@@ -469,7 +464,7 @@ def method_note(min_effect: float, level: float = 0.95, n_boot: int = N_BOOTSTRA
                 f"; {tm.name} has none (no perturbation budget): its protection is measured from the positive "
                 f"control, protection = (clean - protected) / (clean - floor)"
                 for tm in threat_models().values()
-                if tm.baseline == "clean"
+                if not tm.noise_baseline
             )
             + ".",
             "",

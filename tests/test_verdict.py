@@ -180,7 +180,7 @@ def test_values_of_and_best_of():
 
 
 def test_privacy_measures_protection_from_the_positive_control_without_a_noise_run():
-    """A threat model with ``baseline="clean"`` (privacy: no perturbation budget) needs no noise rows: the
+    """A threat model without a noise baseline (privacy: no perturbation budget) needs no noise rows: the
     protection is (clean - protected) / (clean - floor), and the sentence names that baseline."""
     cs = ControlSet(clean=vals(1.0), floor=vals(0.1, phase=1.0), protected={"none": vals(0.3, phase=3.0)})
     v = judge(cs, threat_model="privacy", defense="instahide", metric="privacy/ssim", higher=True)

@@ -43,9 +43,9 @@ class ThreatModel:
         budget_norm: the norm of the budget its noise baseline is matched in ("none": protections of this
             threat model have no perturbation budget, and no noise baseline runs).
         floor_reseeds: the floor of a mimic that defines none is its own run under another seed.
-        baseline: what a protection's effect is measured from: ``"noise"`` (uniform noise of the protection's
-            budget, run as ``control=noise``) or ``"clean"`` (the positive control itself: 0 = as if unprotected).
-        baseline_text: how verdicts name that baseline.
+        baseline_text: how verdicts name what a protection's effect is measured from: uniform noise of the
+            protection's budget (``control=noise``), or with ``budget_norm="none"`` the positive control itself
+            (0 = as if unprotected; :attr:`noise_baseline`).
         prepare: None, or ``prepare(outputs, references) -> (outputs, references)``: what the measures compare,
             from the mimic's outputs and the references the pipeline chose (the privacy threat model matches
             unordered reconstructions to the private images there).
@@ -59,15 +59,18 @@ class ThreatModel:
     positive_control: str
     budget_norm: str = "linf"
     floor_reseeds: bool = False
-    baseline: str = "noise"
     baseline_text: str = "noise of the same budget"
     prepare: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         if self.reference not in REFERENCES:
             raise ValueError(f"threat model {self.name}: reference must be one of {list(REFERENCES)}")
-        if self.baseline not in ("noise", "clean"):
-            raise ValueError(f"threat model {self.name}: baseline must be 'noise' or 'clean'")
+
+    @property
+    def noise_baseline(self) -> bool:
+        """Whether protections are measured from uniform noise of their budget (False: they have no budget, and
+        the positive control is the baseline)."""
+        return self.budget_norm != "none"
 
     def result_key(self, metric: str) -> str:
         """The name of ``metric``'s result in rows: ``<threat model>/<metric>``."""

@@ -116,7 +116,6 @@ THREAT_MODEL = ThreatModel(
     floor="the attacker's public images in place of reconstructions, matched to the private images the same way",
     positive_control="the absolute value of each private image encoded alone (k = 1)",
     budget_norm="none",
-    baseline="clean",
     baseline_text="the images encoded alone (k = 1)",
     prepare=_prepare,
 )
