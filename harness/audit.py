@@ -24,6 +24,7 @@ report is rebuilt from them alone by ``python -m harness.tables``.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import sys
@@ -290,11 +291,23 @@ def run_audit(overrides: Sequence[str]) -> Path:
         if row is not None:
             run_ids.append(row["run_id"])
     rows = [r for r in load_rows(out) if r["run_id"] in set(run_ids)]
+    # which rows are this audit's: a rebuilt report reads them again (runs/ keeps earlier audits' rows, and an
+    # earlier audit may have run the same command, on other models or code)
+    manifest = {"command": command, "run_ids": sorted(set(run_ids))}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return write_report(out, rows, cfg.runtime.cache_dir)
 
 
-def _select_current(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows of the audit last run in a folder (rows of an earlier configuration stay in runs/)."""
+#: the last audit's command and run ids, beside its report
+MANIFEST = "audit.json"
+
+
+def _select_current(rows: list[dict[str, Any]], folder: Path | None = None) -> list[dict[str, Any]]:
+    """The rows of the audit last run in ``folder``: those its manifest (:data:`MANIFEST`) lists; without one
+    (folders written before it existed), the rows of the latest command. Rows of earlier audits stay in runs/."""
+    if folder is not None and (folder / MANIFEST).is_file():
+        ids = set(json.loads((folder / MANIFEST).read_text())["run_ids"])
+        return [r for r in rows if r["run_id"] in ids]
     recorded = [r for r in rows if r.get("audit")]
     if not recorded:
         return rows  # rows written before the audit recorded itself: all of them
@@ -309,7 +322,7 @@ def rebuild_reports(results_dir: str | Path, cache_dir: str | Path | None = None
     for runs in sorted((Path(results_dir) / "audits").glob("*/runs")):
         rows = load_rows(runs.parent)
         if rows:
-            made.append(write_report(runs.parent, _select_current(rows), cache_dir))
+            made.append(write_report(runs.parent, _select_current(rows, runs.parent), cache_dir))
     return made
 
 

@@ -65,6 +65,13 @@ def test_audit_writes_a_report_with_verdict_controls_tables_and_grids(tmp_path, 
     (folder / "report.md").unlink()
     rebuild_reports(tmp_path / "R", tmp_path / "C")
     assert (folder / "report.md").read_text() == before
+    # a row an earlier audit wrote with the same command (other models, say) stays in runs/ but out of the report
+    stale = {**protected, "run_id": "stale", "created": "2000-01-01T00:00:00+00:00"}
+    stale["metrics"] = {**protected["metrics"], "editing/ssim": 0.0}
+    (folder / "runs" / "stale.json").write_text(json.dumps(stale))
+    assert json.loads((folder / "audit.json").read_text())["run_ids"] == sorted(r["run_id"] for r in again)
+    rebuild_reports(tmp_path / "R", tmp_path / "C")
+    assert (folder / "report.md").read_text() == before
 
 
 def test_auditing_noise_reports_no_measurable_protection(tmp_path):
