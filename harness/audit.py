@@ -294,7 +294,7 @@ def run_audit(overrides: Sequence[str]) -> Path:
     # which rows are this audit's: a rebuilt report reads them again (runs/ keeps earlier audits' rows, and an
     # earlier audit may have run the same command, on other models or code)
     manifest = {"command": command, "run_ids": sorted(set(run_ids))}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return write_report(out, rows, cfg.runtime.cache_dir)
 
 
