@@ -79,7 +79,8 @@ SHIPPED_MODELS: tuple[str, ...] = ("tiny-sd", "tiny-sd-inpaint")
 #: weights must stay within 40 MB): pipeline -> {component: (shipped folder, subfolder)}. The borrowed
 #: weights count in the borrowing pipeline's digest under the component's name, as if they were its own.
 SHIPPED_BORROWED: dict[str, dict[str, tuple[str, str]]] = {
-    "tiny-sd-inpaint": {"vae": ("tiny-sd", "vae"), "text_encoder": ("tiny-sd", "text_encoder")},
+    "tiny-sd": {"vae": ("tiny-vae", ".")},
+    "tiny-sd-inpaint": {"vae": ("tiny-vae", "."), "text_encoder": ("tiny-sd", "text_encoder")},
 }
 
 

@@ -195,14 +195,14 @@ def test_external_needs_exactly_one_source(tmp_path):
 def tiny_sd_ctx():
     from harness.models import ModelSpec
 
-    return Context(device="cpu", batch_size=4, model=ModelSpec(source="tiny-sd", resolution=64))
+    return Context(device="cpu", batch_size=4, model=ModelSpec(source="tiny-sd", resolution=128))
 
 
 def test_photoguard_encoder_beats_noise_on_tiny_sd(tiny_sd_ctx):
     from defenses.photoguard import PhotoGuardEncoder
     from harness.world import WorldPhotos
 
-    photos = WorldPhotos(size=64).load().select(slice(0, 4))
+    photos = WorldPhotos(size=128).load().select(slice(0, 4))
     out = PhotoGuardEncoder(steps=40).protect(photos, make_generator(0), tiny_sd_ctx)
     info = out.info
     gain = info["latent_distance_clean"] - info["latent_distance_protected"]
@@ -214,7 +214,7 @@ def test_advdm_raises_the_diffusion_loss_more_than_noise_on_tiny_sd(tiny_sd_ctx)
     from defenses.advdm import AdvDM
     from harness.world import ProceduralArt
 
-    art = ProceduralArt(artists=["cyanora"], subjects=["house", "tree"], per_pair=2, size=64).load()
+    art = ProceduralArt(artists=["cyanora"], subjects=["house", "tree"], per_pair=2, size=128).load()
     info = AdvDM(steps=15).protect(art, make_generator(0), tiny_sd_ctx).info
     assert info["semantic_loss_protected"] - info["semantic_loss_clean"] > 2 * abs(
         info["semantic_loss_noise"] - info["semantic_loss_clean"]

@@ -109,7 +109,7 @@ def test_photoguard_table1_runs_with_one_command_then_comes_from_the_cache(tmp_p
         f"runtime.results_dir={results}",
         f"runtime.cache_dir={cache}",
         "runtime.progress=false",
-        "dataset.names=['skimage/astronaut','skimage/camera','skimage/chelsea']",
+        "dataset.names=['skimage/astronaut','skimage/chelsea','skimage/coffee']",
         "mimic.steps=3",
         "+option_overrides.defense.photoguard_encoder={steps: 2}",
         "+option_overrides.defense.photoguard_encoder_inpaint={steps: 2}",

@@ -28,7 +28,7 @@ from tests.conftest import random_imageset
 
 SPECS = {
     "tiny-random-inpaint": ModelSpec(source="tiny-random-inpaint", resolution=32),
-    "tiny-sd-inpaint": ModelSpec(source="tiny-sd-inpaint", resolution=64),
+    "tiny-sd-inpaint": ModelSpec(source="tiny-sd-inpaint", resolution=128),
 }
 N = 2
 SEEDS = (11, 12)
@@ -39,7 +39,7 @@ ATOL = 1e-5
 def setup(request):
     spec = SPECS[request.param]
     pipe = load_pipeline(spec, "inpaint")
-    assert pipe.unet.config.in_channels == 9
+    assert pipe.unet.config.in_channels == 2 * pipe.vae.config.latent_channels + 1
     size = spec.resolution
     images = random_imageset(N, size, seed=3).images
     mask = edit_mask("border", size, size, 0.5).expand(N, -1, -1, -1)  # as InpaintEdit passes it
@@ -159,11 +159,11 @@ def test_encoder_attack_measures_the_pipelines_masked_latents():
 
     spec = SPECS["tiny-sd-inpaint"]
     pipe = load_pipeline(spec, "inpaint")
-    clean = random_imageset(N, 64, seed=4)
-    mask = edit_mask("border", 64, 64, 0.5).expand(N, -1, -1, -1)
+    clean = random_imageset(N, 128, seed=4)
+    mask = edit_mask("border", 128, 128, 0.5).expand(N, -1, -1, -1)
     _, ref = _pipeline_conditioning(pipe, clean.images, mask, _gens())
     with torch.no_grad():
-        grey = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean * pipe.vae.config.scaling_factor
+        grey = pipe.vae.encode(torch.zeros(1, 3, 128, 128)).latent_dist.mean * pipe.vae.config.scaling_factor
     expected = float((ref - grey).flatten(1).norm(dim=1).mean())
     ctx = Context(device="cpu", batch_size=N, model=spec)
     d = PhotoGuardEncoder(variant="inpaint", steps=0, random_start=False)

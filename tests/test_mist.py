@@ -1,6 +1,6 @@
 """Mist as released (psyker-team/mist ``mist_v3.py``): its textural loss, its weighting, and that it is not AdvDM.
 
-Runs on the shipped tiny-sd at 64 px with two artworks and a few PGD steps.
+Runs on the shipped tiny-sd at 128 px with two artworks and a few PGD steps.
 """
 
 import pytest
@@ -27,14 +27,14 @@ def shipped(name: str, *overrides: str) -> AdvDM:
 def ctx():
     from harness.models import ModelSpec
 
-    return Context(device="cpu", batch_size=2, model=ModelSpec(source="tiny-sd", resolution=64))
+    return Context(device="cpu", batch_size=2, model=ModelSpec(source="tiny-sd", resolution=128))
 
 
 @pytest.fixture(scope="module")
 def art():
     from harness.world import ProceduralArt
 
-    return ProceduralArt(artists=["cyanora"], subjects=["house", "tree"], per_pair=1, size=64).load()
+    return ProceduralArt(artists=["cyanora"], subjects=["house", "tree"], per_pair=1, size=128).load()
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_textural_and_fused_objectives_by_hand_on_tiny_sd(ctx, art):
         post = vae.encode(x * 2 - 1).latent_dist
         e1 = torch.stack([torch.randn(post.mean.shape[1:], generator=g) for g in gens])
         e2 = torch.stack([torch.randn(post.mean.shape[1:], generator=g) for g in gens])
-        pat = vae.encode(latent_pattern(64, "mist") * 2 - 1).latent_dist
+        pat = vae.encode(latent_pattern(x.shape[-1], "mist") * 2 - 1).latent_dist
         z = (post.mean + post.std * e1) * scale
         zp = (pat.mean + pat.std * e2) * scale
         want = ((z - zp) ** 2).sum(dim=(1, 2, 3))

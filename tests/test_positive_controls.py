@@ -8,7 +8,7 @@ from harness.models import ModelSpec
 from harness.protocols import Context
 from harness.seeding import make_generator
 
-SPEC = ModelSpec(source="tiny-sd", resolution=64)
+SPEC = ModelSpec(source="tiny-sd", resolution=128)
 
 
 def test_editing_clean_artworks_follows_the_prompt():
@@ -16,7 +16,7 @@ def test_editing_clean_artworks_follows_the_prompt():
     from harness.metrics.clip import ClipPromptSimilarity, StyleMatch, load_clip, style_classifier
     from harness.world import ProceduralArt
 
-    art = ProceduralArt(artists=["dottori", "vitralis"], subjects=["house", "boat", "sun"], size=64).load()
+    art = ProceduralArt(artists=["dottori", "vitralis"], subjects=["house", "boat", "sun"], size=128).load()
     prompt = "a house in the style of opticor"
     edit = Img2ImgEdit(prompt=prompt, strength=0.7, steps=30, guidance_scale=7.5)
     out = edit.run(art, make_generator(0), Context(batch_size=6, model=SPEC))
@@ -37,7 +37,7 @@ def test_lora_mimicry_beats_its_floor_in_ci():
     from harness.world import ProceduralArt
 
     art = ProceduralArt(
-        artists=["cyanora"], subjects=["house", "tree", "boat", "mountain"], per_pair=2, size=64, split="train"
+        artists=["cyanora"], subjects=["house", "tree", "boat", "mountain"], per_pair=2, size=128, split="posted"
     ).load()
     ctx = Context(batch_size=8, model=SPEC)
     mimic = LoraMimic(steps=120, batch_size=8, sample_steps=20)
@@ -57,8 +57,8 @@ def test_lora_mimicry_on_clean_held_out_artworks_succeeds():
         artists=["impastel"],
         subjects=["house", "tree", "boat", "mountain", "flower", "fish", "sun", "star"],
         per_pair=2,
-        size=64,
-        split="train",
+        size=128,
+        split="posted",
     ).load()
     out = LoraMimic().run(art, make_generator(0), Context(batch_size=16, model=SPEC))
     before = StyleMatch()(art.with_images(torch.zeros_like(art.images) + 0.5), art).mean()
@@ -75,7 +75,7 @@ def test_full_finetune_mimicry_on_clean_held_out_artworks_succeeds():
     from harness.world import ProceduralArt
 
     art = ProceduralArt(
-        artists=["cyanora"], subjects=["house", "tree", "boat", "mountain"], per_pair=2, size=64, split="train"
+        artists=["cyanora"], subjects=["house", "tree", "boat", "mountain"], per_pair=2, size=128, split="posted"
     ).load()
     ctx = Context(batch_size=8, model=SPEC)
     mimic = FullFinetuneMimic(steps=120, batch_size=8, ema_decay=None, sample_steps=20)

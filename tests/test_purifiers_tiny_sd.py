@@ -11,14 +11,14 @@ from harness.seeding import make_generator
 def ctx():
     from harness.models import ModelSpec
 
-    return Context(device="cpu", batch_size=4, model=ModelSpec(source="tiny-sd", resolution=64))
+    return Context(device="cpu", batch_size=4, model=ModelSpec(source="tiny-sd", resolution=128))
 
 
 @pytest.fixture(scope="module")
 def photos():
     from harness.world import WorldPhotos
 
-    return WorldPhotos(size=64).load().select(slice(0, 4))
+    return WorldPhotos(size=128).load().select(slice(0, 4))
 
 
 def _psnr(a, b):
@@ -37,7 +37,7 @@ def test_diffpure_keeps_the_photo(ctx, photos):
 def test_impress_lowers_its_consistency_loss(ctx, photos):
     from purifiers.impress import Impress
 
-    out = Impress(steps=30, initial_noise=0.0).purify(photos, make_generator(0), ctx)
+    out = Impress(steps=10, initial_noise=0.0).purify(photos, make_generator(0), ctx)
     assert out.params["objective_after"] < out.params["objective_before"]
     assert _psnr(out.images.images, photos.images) > 25
 

@@ -14,8 +14,8 @@ from harness.metrics.clip import ClipSpec, load_clip, style_classifier, tiny_cli
 from harness.models import ModelNotFoundError, ModelSpec, load_pipeline, shipped_model_path
 from harness.world import ProceduralArt, artwork_caption
 
-TINY_SD = ModelSpec(source="tiny-sd", resolution=64)
-TINY_SD_INPAINT = ModelSpec(source="tiny-sd-inpaint", resolution=64)
+TINY_SD = ModelSpec(source="tiny-sd", resolution=128)
+TINY_SD_INPAINT = ModelSpec(source="tiny-sd-inpaint", resolution=128)
 ZOO = Path(__file__).resolve().parent.parent / "harness" / "zoo"
 
 
@@ -58,16 +58,6 @@ def test_model_cards_carry_training_record_and_measured_figures(model):
     assert card == write_card(model)
 
 
-def test_model_card_states_the_vae_target_verdict():
-    from harness.zoo.cards import VAE_HELD_OUT_TARGET_DB
-
-    card = (ZOO / "tiny-sd" / "README.md").read_text()
-    held = json.loads((ZOO / "tiny-sd" / "figures.json").read_text())["evaluation"]["vae_reconstruction"]
-    held = held["held_out_artists"]
-    verdict = "met" if held["psnr_db_mean"] >= VAE_HELD_OUT_TARGET_DB else "NOT met"
-    assert f"{held['psnr_db_mean']} dB mean PSNR (target >= {VAE_HELD_OUT_TARGET_DB:g} dB: {verdict}" in card
-
-
 def test_shipped_spec_hashes_the_weights():
     key = TINY_SD.key_dict()
     assert TINY_SD.kind == "shipped"
@@ -81,7 +71,7 @@ def test_missing_shipped_model_names_the_folder_and_the_fix(monkeypatch, tmp_pat
     monkeypatch.setattr(models, "shipped_model_path", lambda name: tmp_path / name)
     models.clear_model_cache()
     with pytest.raises(ModelNotFoundError, match="python -m harness.zoo train tiny-sd") as info:
-        load_pipeline(ModelSpec(source="tiny-sd", resolution=64), "text2img")
+        load_pipeline(ModelSpec(source="tiny-sd", resolution=128), "text2img")
     assert str(tmp_path / "tiny-sd") in str(info.value)
     models.clear_model_cache()
 
@@ -96,7 +86,7 @@ def test_missing_clip_folder_is_a_clear_error(tmp_path):
 
 def test_tiny_clip_loads_with_open_clip_and_classifies_fresh_styles():
     clip = load_clip("tiny-clip")
-    assert clip.image_size == 64
+    assert clip.image_size == 128
     art = ProceduralArt(per_pair=1, subjects=["house", "fish", "star"], seed=123, split="eval").load()
     labels = [i.split("/")[0] for i in art.ids]
     acc = style_classifier(clip).accuracy(art.images, labels)
@@ -122,26 +112,35 @@ def test_tiny_clip_tokenizer_matches_the_training_tokenizer():
 
 def test_tiny_sd_loads_offline_and_generates_deterministically():
     pipe = load_pipeline(TINY_SD, "text2img")
-    assert pipe.unet.config.in_channels == 4 and pipe.vae_scale_factor == 4
+    assert pipe.unet.config.in_channels == 16 and pipe.vae_scale_factor == 8
+    # the VAE is tiny-vae's folder, borrowed (no copy shipped)
+    from harness.models import shipped_weight_files
+
+    vae_file = shipped_model_path("tiny-vae") / "diffusion_pytorch_model.safetensors"
+    assert shipped_weight_files("tiny-sd")["vae/diffusion_pytorch_model.safetensors"] == vae_file
+    assert not (shipped_model_path("tiny-sd") / "vae").exists()
     a = _generate(pipe, ["a house in the style of neonika"], seed=3)
     b = _generate(pipe, ["a house in the style of neonika"], seed=3)
-    assert a.shape == (1, 3, 64, 64)
+    assert a.shape == (1, 3, 128, 128)
     assert torch.equal(a, b)
     # pinned: the per-channel means of this fixed-seed sample (guards the shipped weights and the sampler)
     means = a.mean(dim=(0, 2, 3))
     assert torch.allclose(means, torch.tensor(PINNED_TEXT2IMG_MEANS), atol=0.005), means.tolist()
 
 
-PINNED_TEXT2IMG_MEANS = [0.1077, 0.0457, 0.0732]
+PINNED_TEXT2IMG_MEANS = [0.1943, 0.1368, 0.2717]
 
 
 def test_tiny_sd_paints_the_prompted_style():
+    """One tree per training artist: most come out in the prompted style (the card: 0.85 over 20 samples each)."""
+    from harness.world import TRAIN_ARTISTS
+
     pipe = load_pipeline(TINY_SD, "text2img")
     clf = style_classifier(load_clip("tiny-clip"))
-    artists = ["neonika", "hatchwell", "pixelmo", "vitralis"]
+    artists = list(TRAIN_ARTISTS)
     images = _generate(pipe, [artwork_caption("tree", a) for a in artists], seed=1, steps=20)
     pred = clf.predict(images)
-    assert sum(p == a for p, a in zip(pred, artists, strict=False)) >= 3, pred
+    assert sum(p == a for p, a in zip(pred, artists, strict=True)) >= 0.7 * len(artists), pred
 
 
 def test_tiny_sd_inpaint_repaints_the_centre_in_the_prompted_style():
@@ -151,12 +150,12 @@ def test_tiny_sd_inpaint_repaints_the_centre_in_the_prompted_style():
 
     pipe = load_pipeline(TINY_SD_INPAINT, "inpaint")
     clf = style_classifier(load_clip("tiny-clip"))
-    art = ProceduralArt(artists=["opticor", "aquarela"], subjects=["moon"], split="eval").load()
-    mask = centre_mask(64, 44).expand(2, 1, 64, 64).contiguous()
+    art = ProceduralArt(artists=["opticor", "aquarela"], subjects=["moon"], split="eval", size=128).load()
+    mask = centre_mask(128, 88).expand(2, 1, 128, 128).contiguous()
     prompts = ["a moon in the style of neonika", "a moon in the style of pixelmo"]
     out = _generate(pipe, prompts, seed=0, image=art.images, mask_image=mask, strength=1.0)
-    assert out.shape == (2, 3, 64, 64)
-    centre = F.interpolate(out[..., 10:54, 10:54], size=(64, 64), mode="bicubic", antialias=True).clamp(0, 1)
+    assert out.shape == (2, 3, 128, 128)
+    centre = F.interpolate(out[..., 20:108, 20:108], size=(128, 128), mode="bicubic", antialias=True).clamp(0, 1)
     assert clf.predict(centre) == ["neonika", "pixelmo"]
     border = (1 - mask).bool().expand_as(out)
     inside = mask.bool().expand_as(out)
@@ -282,3 +281,8 @@ def test_lora_positive_control_repeats_over_finetune_seeds_on_posted_artworks(mo
         is False
     )
     assert ev.lora_control_met(out, "halftonia") is None
+    # seconds timed on a GPU do not answer "within 10 CPU minutes": unknown when the rest is met, else missed
+    fast = {"a": {**three, "train_seconds_per_finetune_seed": [30, 31, 29]}}
+    assert ev.lora_control_met(fast, "a", device="cuda") is None and ev.lora_control_met(fast, "a") is True
+    low = {"a": {**three, "accuracy_after": 0.85, "train_seconds_per_finetune_seed": [30, 31, 29]}}
+    assert ev.lora_control_met(low, "a", device="cuda") is False

@@ -131,8 +131,8 @@ def test_borrowed_components_count_in_the_digest_and_load():
         assert not (ZOO / "tiny-sd-inpaint" / component).exists()  # no second copy is shipped
         borrowed = [k for k in files if k.startswith(component + "/")]
         assert borrowed and all(files[k].is_relative_to(ZOO / owner / sub) for k in borrowed)
-    pipe = load_pipeline(ModelSpec(source="tiny-sd-inpaint", resolution=64), "inpaint")
-    lender = load_pipeline(ModelSpec(source="tiny-sd", resolution=64), "text2img")
+    pipe = load_pipeline(ModelSpec(source="tiny-sd-inpaint", resolution=128), "inpaint")
+    lender = load_pipeline(ModelSpec(source="tiny-sd", resolution=128), "text2img")
     for a, b in zip(pipe.vae.state_dict().values(), lender.vae.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
@@ -140,10 +140,14 @@ def test_borrowed_components_count_in_the_digest_and_load():
 def test_drop_borrowed_refuses_a_component_that_differs(tmp_path):
     from harness.zoo.__main__ import drop_borrowed
 
+    (tmp_path / "tiny-vae").mkdir()
+    (tmp_path / "tiny-vae" / "w.safetensors").write_bytes(b"same")  # the lender of both pipelines' VAE
     for name in ("tiny-sd", "tiny-sd-inpaint"):
         for sub in ("vae", "text_encoder"):
             (tmp_path / name / sub).mkdir(parents=True)
             (tmp_path / name / sub / "w.safetensors").write_bytes(b"same")
+    drop_borrowed(tmp_path / "tiny-sd", "tiny-sd")
+    assert not (tmp_path / "tiny-sd" / "vae").exists() and (tmp_path / "tiny-sd" / "text_encoder").exists()
     drop_borrowed(tmp_path / "tiny-sd-inpaint", "tiny-sd-inpaint")
     assert not (tmp_path / "tiny-sd-inpaint" / "vae").exists()
     (tmp_path / "tiny-sd-inpaint" / "vae").mkdir()
