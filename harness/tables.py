@@ -76,17 +76,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not (Path(args.results_dir) / "runs").is_dir():
-        print(f"error: no runs/ folder in --results-dir {args.results_dir}", file=sys.stderr)
+    results = Path(args.results_dir)
+    experiments = sorted((results / "experiments").glob("*/runs"))
+    audits = sorted((results / "audits").glob("*/runs"))
+    if not ((results / "runs").is_dir() or experiments or audits):
+        print(
+            f"error: --results-dir {args.results_dir} holds no runs/ folder, no experiments/*/runs and no audits/*/runs",
+            file=sys.stderr,
+        )
         return 2
-    out = write_tables(args.results_dir, args.cache_dir)
-    if out is None:
-        return 1
+    # the loose rows' tables (a results folder may hold only experiments and audits, each with its own rows)
+    out = write_tables(results, args.cache_dir) if (results / "runs").is_dir() else None
     # the experiments that reproduce published tables keep their rows in <results-dir>/experiments/<name>/runs
-    for runs in sorted((Path(args.results_dir) / "experiments").glob("*/runs")):
-        write_tables(runs.parent, args.cache_dir)
-    rebuild_reports(args.results_dir, args.cache_dir)
-    print((out / "summary.md").read_text())
+    made = [t for runs in experiments if (t := write_tables(runs.parent, args.cache_dir)) is not None]
+    made += rebuild_reports(results, args.cache_dir)
+    if out is not None:
+        print((out / "summary.md").read_text())
+    elif not made:
+        print(f"error: no result rows under {args.results_dir}", file=sys.stderr)
+        return 1
+    else:
+        print(f"rebuilt {len(made)} experiment tables and audit reports under {args.results_dir}")
     return 0
 
 

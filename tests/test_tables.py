@@ -176,3 +176,24 @@ def test_experiment_report_rejects_an_unknown_layout(tmp_path):
     for r in rows:
         del r["config"]
     assert write_experiment_report(tmp_path, rows, cache_dir=None) is None  # not an experiment: no report
+
+
+def test_tables_cli_rebuilds_a_results_folder_that_holds_only_experiments(tmp_path, capsys):
+    """A results folder need not hold loose rows: one with only experiments/<name>/runs (as results/ after the
+    embedded world v2, whose loose v1 rows moved to results/world-v1/) still gets its experiment rebuilt; one
+    with no rows anywhere is one clear error naming the folder."""
+    import json
+
+    from harness.tables import main
+
+    runs = tmp_path / "R" / "experiments" / "demo" / "runs"
+    runs.mkdir(parents=True)
+    for k, row in enumerate(_experiment_rows("matrix")):
+        (runs / f"r{k:02d}.json").write_text(json.dumps({**row, "run_id": f"r{k:02d}"}))
+    assert main(["--results-dir", str(tmp_path / "R"), "--cache-dir", str(tmp_path / "C")]) == 0
+    report = (runs.parent / "report.md").read_text()
+    assert "| lora | mist | protects |" in report and (runs.parent / "tables" / "summary.md").is_file()
+    assert not (tmp_path / "R" / "tables").exists()  # no loose rows: no top-level tables
+    (tmp_path / "E").mkdir()
+    assert main(["--results-dir", str(tmp_path / "E")]) == 2
+    assert str(tmp_path / "E") in capsys.readouterr().err
