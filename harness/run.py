@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness.cache import ArtifactStore, atomic_write_text, canonical_json
 from harness.errors import ConfigError, DataError, HarnessError
-from harness.pipeline import Experiment, RunResult, realised_linf, run_experiment
+from harness.pipeline import Experiment, RunResult, planned_keys, realised_linf, run_experiment
 from harness.protocols import Context
 from harness.provenance import provenance
 from harness.threat_models import threat_model
@@ -275,6 +275,43 @@ def make_row(cfg: DictConfig, exp: Experiment, result: RunResult, labels: dict[s
     }
 
 
+def reusable_row(
+    cfg: DictConfig,
+    exp: Experiment,
+    labels: Mapping[str, str],
+    control: str | None,
+    runs: Path,
+    row_extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """A row already in ``runs`` that this run would write again: the same labels, seed and extra fields
+    (an audit's command and role), and the same stage keys as today's code gives this config
+    (:func:`harness.pipeline.planned_keys`; a noise control takes the realised budget that row records, as
+    ``python -m harness.rerun --check-keys`` does). The keys name every stage's inputs, code versions and model
+    weights, so such a row is what the run would compute; the cache would serve the same stages. With
+    ``runtime.reuse_rows=true`` a run returns it instead of computing: committed rows then resume a long sweep
+    on a machine without the cache. None when no row qualifies."""
+    if not runs.is_dir():
+        return None
+    for path in sorted(runs.glob("*.json")):
+        try:
+            row = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(row, dict) or row.get("labels") != dict(labels) or row.get("seed") != exp.seed:
+            continue
+        if row_extra and any(row.get(k) != v for k, v in row_extra.items()):
+            continue
+        planned = exp
+        if control is not None:
+            linf = (row.get("control") or {}).get("realised_linf")
+            if control == "noise" and linf is None:
+                continue
+            planned, _ = as_control(cfg, exp, control, None, None, linf=linf)  # type: ignore[arg-type]
+        if planned_keys(planned) == row.get("stage_keys"):
+            return row
+    return None
+
+
 def run_from_config(
     cfg: DictConfig,
     choices: Mapping[str, str] | None = None,
@@ -307,6 +344,11 @@ def run_from_config(
         exp.seed,
         device,
     )
+    if bool(rt.get("reuse_rows", False)):
+        reused = reusable_row(cfg, exp, labels, control, Path(rt.results_dir) / "runs", row_extra)
+        if reused is not None:
+            log.info("row %s reused: its stage keys are this run's (runtime.reuse_rows)", reused["run_id"])
+            return reused
     ctx = Context(device=device, batch_size=int(rt.batch_size), model=exp.model, progress=_progress(bool(rt.progress)))
     store = ArtifactStore(rt.cache_dir)
     control_info = None

@@ -175,3 +175,28 @@ def test_bad_options_give_one_clear_error(tmp_path, args, needle):
     )
     assert proc.returncode != 0
     assert needle in proc.stdout + proc.stderr
+
+
+def test_reuse_rows_returns_a_committed_row_without_the_cache_and_only_when_its_keys_match(tmp_path):
+    """runtime.reuse_rows=true: a run whose row is already in runs/ (same labels, seed and stage keys) returns it
+    and computes nothing, with an empty cache (a fresh clone of committed results); a noise control finds its row
+    through the realised budget the row records; a row whose keys differ from today's is computed again."""
+    results, first_cache, empty = tmp_path / "R", tmp_path / "C1", tmp_path / "C2"
+    args = ["defense=photoguard_encoder", "defense.steps=2", "model=tiny-random", "seed=3"]
+    run(harness_cmd(results, first_cache, *args))
+    run(harness_cmd(results, first_cache, *args, "control=noise"))
+    before = {p.name: p.read_text() for p in (results / "runs").glob("*.json")}
+    assert len(before) == 2
+    for extra in ([], ["control=noise"]):
+        out = run(harness_cmd(results, empty, *args, *extra, "runtime.reuse_rows=true"))
+        assert "reused" in out
+    assert not empty.exists() or not any(p.is_file() for p in empty.rglob("*"))  # nothing computed
+    assert {p.name: p.read_text() for p in (results / "runs").glob("*.json")} == before  # rows untouched
+    # a row whose recorded keys are not today's is not reused: the run computes (into the empty cache)
+    name, text = next(iter(before.items()))
+    row = json.loads(text)
+    row["stage_keys"]["protect"] = "0" * 40
+    (results / "runs" / name).write_text(json.dumps(row))
+    extra = ["control=noise"] if row["labels"]["control"] == "noise" else []
+    out = run(harness_cmd(results, empty, *args, *extra, "runtime.reuse_rows=true"))
+    assert "reused" not in out and any(p.is_file() for p in empty.rglob("*"))
