@@ -273,7 +273,9 @@ def run_audit(overrides: Sequence[str]) -> Path:
     """Run the audit for ``overrides`` (Hydra syntax, must include ``defense=<name>``). Returns the report."""
     cfg, label, cells, common = _plan(overrides)
     out = Path(cfg.runtime.results_dir) / "audits" / safe_filename(label)
-    command = f"python -m harness.audit {' '.join(overrides)}"
+    # runtime settings (paths, device, progress, reuse_rows) never change a result: the recorded command leaves
+    # them out, so an audit resumed elsewhere (runtime.reuse_rows=true) is the same audit
+    command = "python -m harness.audit " + " ".join(o for o in overrides if not o.lstrip("+~").startswith("runtime."))
     run_ids: list[str] = []
     tms = list(dict.fromkeys(tm for tm, _, _ in cells))
     log.info("audit of %s: %d runs over %s (rows in %s)", label, len(cells), ", ".join(tms), out / "runs")

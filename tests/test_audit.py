@@ -174,3 +174,18 @@ def test_privacy_audit_plans_controls_without_noise_or_model():
     roles = sorted(next((o for o in r if o.startswith("control=")), "protected") for r in runs)
     assert roles == sorted(["protected", "control=clean", "control=floor"] * 3)
     assert all("purifier=none" in r for r in runs)
+
+
+def test_an_audit_resumes_from_its_rows_without_the_cache(tmp_path):
+    """runtime.reuse_rows=true on a machine without the cache (a fresh clone of committed results): the audit's
+    rows are found by their keys, nothing is computed and the report comes out the same."""
+    args = ["defense=photoguard_encoder", "defense.steps=2", *FAST]
+    assert main(audit_args(tmp_path, *args)) == 0
+    folder = tmp_path / "R" / "audits" / "photoguard_encoder-steps-2"
+    report, rows = (folder / "report.md").read_text(), sorted(p.name for p in (folder / "runs").glob("*.json"))
+    empty = tmp_path / "empty-cache"
+    assert main([*args, "runtime.reuse_rows=true", f"runtime.results_dir={tmp_path / 'R'}", f"runtime.cache_dir={empty}"]) == 0
+    assert not empty.exists() or not any(p.is_file() for p in empty.rglob("*"))
+    assert sorted(p.name for p in (folder / "runs").glob("*.json")) == rows
+    assert (folder / "report.md").read_text() == report
+    assert "runtime." not in json.loads((folder / "audit.json").read_text())["command"]
