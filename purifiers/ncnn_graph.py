@@ -124,6 +124,16 @@ class NcnnGraph(torch.nn.Module):
             raise ValueError(f"{param_path}: expected one Input layer, found {len(inputs_layers)}")
         self.input_name = inputs_layers[0][3][0]
         self.output_name = self.layers[-1][3][0]
+        # the blobs each layer is the last to read: forward drops them there (keeping every intermediate blob, as
+        # a dict of all outputs would, holds Real-ESRGAN's ~1000 feature maps at once: gigabytes at batch 16)
+        last_read: dict[str, int] = {}
+        for i, (_, _, inputs, _, _) in enumerate(self.layers):
+            for name in inputs:
+                last_read[name] = i
+        self._free_after: list[list[str]] = [[] for _ in self.layers]
+        for name, i in last_read.items():
+            if name != self.output_name:
+                self._free_after[i].append(name)
 
     def _conv(self, key: str, x: torch.Tensor, p: dict[int, Any]) -> torch.Tensor:
         pad = int(p.get(4, 0))
@@ -140,10 +150,12 @@ class NcnnGraph(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         blobs: dict[str, torch.Tensor] = {self.input_name: x}
-        for kind, key, inputs, outputs, p in self.layers:
+        for i, (kind, key, inputs, outputs, p) in enumerate(self.layers):
             if kind == "Input":
                 continue
             args = [blobs[name] for name in inputs]
+            for name in self._free_after[i]:  # this layer is their last reader
+                del blobs[name]
             if kind == "Convolution":
                 y = self._conv(key, args[0], p)
             elif kind == "Split":
