@@ -35,6 +35,7 @@ __all__ = [
     "edit_through_pipeline",
     "gradient_checkpointing",
     "latent_pattern",
+    "generate_seeded",
 ]
 
 
@@ -345,3 +346,39 @@ def latent_pattern(size: int, kind: str = "mist") -> torch.Tensor:
     )
     img = torch.where(ink, 0.0, 1.0).float()
     return img.expand(1, 3, size, size).clone()
+
+
+def generate_seeded(
+    pipe: Any,
+    ids: Sequence[str],
+    prompts: Sequence[str],
+    seed: int,
+    size: tuple[int, int],
+    steps: int,
+    guidance: float,
+    ctx: Any,
+    desc: str,
+) -> torch.Tensor:
+    """Text-to-image samples, one per id (prompt ``prompts[k]`` for ``ids[k]``), each from a generator seeded by
+    ``(seed, id)`` so that a sample never depends on the batch it ran in. (N, 3, H, W) in [0, 1] on the CPU.
+    ``ctx``: a :class:`harness.protocols.Context` (batch size, progress)."""
+    from harness.seeding import derive_seed, make_generator
+
+    if len(ids) != len(prompts):
+        raise ValueError(f"generate_seeded: {len(ids)} ids but {len(prompts)} prompts")
+    out = []
+    starts = list(range(0, len(ids), ctx.batch_size))
+    for k in ctx.progress(starts, desc=desc, unit="batch"):
+        part = list(ids[k : k + ctx.batch_size])
+        with torch.no_grad():
+            res = pipe(
+                prompt=list(prompts[k : k + ctx.batch_size]),
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=[make_generator(derive_seed(seed, i)) for i in part],
+                output_type="pt",
+                height=size[0],
+                width=size[1],
+            ).images
+        out.append(res.float().cpu().clamp(0, 1))
+    return torch.cat(out) if out else torch.zeros(0, 3, *size)

@@ -197,7 +197,9 @@ def as_control(
     - ``clean`` (the positive control): no protection, the configured purifier and mimic;
     - ``noise``: uniform noise whose L-inf bound is the configured defense's *realised* L-inf budget on these
       images (its protect stage is run or found in the store first), the configured purifier and mimic;
-    - ``floor``: no protection, no purifier, the mimic's floor (:meth:`harness.protocols.Mimic.floor`).
+    - ``floor``: no protection, no purifier, the mimic's floor (:meth:`harness.protocols.Mimic.floor`); for a
+      threat model with a ``floor_defense`` (poisoning), that defense (taking the audited defense's
+      ``floor_defense_args``), no purifier and the mimic's ordinary run.
 
     ``linf``: the realised budget when it is already known (a row records it); otherwise it is measured.
     """
@@ -214,6 +216,13 @@ def as_control(
         node = _option_config("defense", "noise", eps=eps)
     else:
         node = _option_config("defense", "none")
+    tm = threat_model(exp.mimic.threat_model) if exp.mimic is not None else None
+    floor_by_defense = control == "floor" and tm is not None and tm.floor_defense is not None
+    if floor_by_defense:  # the mimic's ordinary run on another defense's output (poisoning: dirty-label poison)
+        audited = dict(configs["defense"] or {})
+        taken = {k: audited[k] for k in tm.floor_defense_args if k in audited}
+        node = _option_config("defense", tm.floor_defense, **taken)
+        info.update(defense=tm.floor_defense, **{f"defense_{k}": v for k, v in taken.items()})
     configs["defense"] = _plain(node)
     defense = _instantiate("defense", node)
     purifier = exp.purifier
@@ -232,7 +241,7 @@ def as_control(
         model=exp.model,
         seed=exp.seed,
         configs=configs,
-        control="floor" if control == "floor" else None,
+        control="floor" if control == "floor" and not floor_by_defense else None,
     )
     return changed, info
 

@@ -184,7 +184,10 @@ def test_an_audit_resumes_from_its_rows_without_the_cache(tmp_path):
     folder = tmp_path / "R" / "audits" / "photoguard_encoder-steps-2"
     report, rows = (folder / "report.md").read_text(), sorted(p.name for p in (folder / "runs").glob("*.json"))
     empty = tmp_path / "empty-cache"
-    assert main([*args, "runtime.reuse_rows=true", f"runtime.results_dir={tmp_path / 'R'}", f"runtime.cache_dir={empty}"]) == 0
+    assert (
+        main([*args, "runtime.reuse_rows=true", f"runtime.results_dir={tmp_path / 'R'}", f"runtime.cache_dir={empty}"])
+        == 0
+    )
     assert not empty.exists() or not any(p.is_file() for p in empty.rglob("*"))
     assert sorted(p.name for p in (folder / "runs").glob("*.json")) == rows
     assert (folder / "report.md").read_text() == report

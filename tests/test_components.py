@@ -79,6 +79,9 @@ FAST = {
     "aspl": ["defense.rounds=2", "defense.surrogate_steps=1", "defense.pgd_steps=2", "defense.prior_images=1"],
     # the contract's 3 images: an inside-dataset encoding can mix at most 3 private images
     "instahide": ["defense.k=3", "defense.encodings_per_image=2"],
+    "nightshade": ["defense.steps=3", "defense.anchor_steps=2"],
+    # the contract's random images are not the embedded world's artworks: the target images are generated
+    "dirty_label": ["defense.images=model", "defense.steps=2"],
 }
 
 

@@ -17,7 +17,7 @@ Features come back L2-normalised, float32, on the CPU.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,10 +35,13 @@ __all__ = [
     "ClipPromptSimilarity",
     "ClipModel",
     "ClipSpec",
+    "ConceptAccuracy",
+    "ConceptRate",
     "StyleMatch",
     "ZeroShotClassifier",
     "load_clip",
     "style_classifier",
+    "subject_classifier",
     "tiny_clip_path",
 ]
 
@@ -230,6 +233,92 @@ def style_classifier(clip: ClipModel, artists: Sequence[str] | None = None) -> Z
         for a in artists
     }
     return ZeroShotClassifier(clip, prompts)
+
+
+def subject_classifier(clip: ClipModel, subjects: Sequence[str] | None = None) -> ZeroShotClassifier:
+    """A zero-shot classifier over the embedded world's subjects (the concepts of the poisoning threat model),
+    with every caption template for every artist as the prompt ensemble (so no style is favoured)."""
+    from harness.world import ARTISTS, CAPTION_TEMPLATES, SUBJECTS
+
+    subjects = list(subjects or SUBJECTS)
+    prompts = {s: [t.format(a="a", subject=s, artist=a) for t in CAPTION_TEMPLATES for a in ARTISTS] for s in subjects}
+    return ZeroShotClassifier(clip, prompts)
+
+
+class _ConceptJudge(Metric):
+    """The judge of the poisoning threat model: tiny-clip's zero-shot subject classifier on generations whose ids
+    name their probe group and concept (:func:`harness.threat_models.poisoning.generation_id`). A generation
+    outside ``group`` gets NaN (no value: the intervals skip it)."""
+
+    binary = True
+
+    def __init__(self, group: str = "source", clip: str = "tiny-clip", pretrained: str | None = None):
+        from harness.threat_models.poisoning import GROUPS
+
+        if group not in GROUPS:
+            raise ConfigError(f"metrics.group must be one of {list(GROUPS)}, got {group!r}")
+        self.group = group
+        self.spec = ClipSpec(source=clip, pretrained=pretrained)
+        self._clf: ZeroShotClassifier | None = None
+
+    def classifier(self) -> ZeroShotClassifier:
+        if self._clf is None:
+            self._clf = subject_classifier(load_clip(self.spec))
+        return self._clf
+
+    def judged(self, outputs: ImageSet) -> tuple[list[int], list[str], list[str]]:
+        """Positions, prompted concepts and predicted concepts of the generations of this group."""
+        from harness.threat_models.poisoning import parse_generation_id
+
+        keep, concepts = [], []
+        for k, image_id in enumerate(outputs.ids):
+            parsed = parse_generation_id(image_id)
+            if parsed is None:
+                raise ConfigError(
+                    f"metric {self.name} judges poisoning probes (ids gen/<group>/<concept>/...), got id {image_id!r}"
+                )
+            if parsed[0] == self.group:
+                keep.append(k)
+                concepts.append(parsed[1])
+        predicted = self.classifier().predict(outputs.images[keep]) if keep else []
+        return keep, concepts, predicted
+
+    def _values(self, outputs: ImageSet, hit: Callable[[str, str], bool]) -> torch.Tensor:
+        values = torch.full((len(outputs),), float("nan"), dtype=torch.float64)
+        keep, concepts, predicted = self.judged(outputs)
+        for k, c, p in zip(keep, concepts, predicted, strict=True):
+            values[k] = float(hit(c, p))
+        return values
+
+
+class ConceptAccuracy(_ConceptJudge):
+    """1 when the judge sees the prompted concept in a generation of ``group``, 0 otherwise (NaN outside the
+    group). The poisoning threat model's success: the trainer's model still draws what it is asked for."""
+
+    name = "concept_accuracy"
+    version = "1"
+    higher_is_better = True
+
+    def per_image(self, outputs: ImageSet, references: ImageSet) -> torch.Tensor:
+        return self._values(outputs, lambda concept, predicted: predicted == concept)
+
+
+class ConceptRate(_ConceptJudge):
+    """1 when the judge sees ``concept`` (the poison's target) in a generation of ``group``, else 0 (NaN outside
+    the group): how often the poisoned model draws the target when prompted with the source."""
+
+    name = "concept_rate"
+    version = "1"
+    higher_is_better = False  # the trainer's view: the target showing up is the poison working
+
+    def __init__(self, concept: str, group: str = "source", clip: str = "tiny-clip", pretrained: str | None = None):
+        super().__init__(group=group, clip=clip, pretrained=pretrained)
+        if not isinstance(concept, str) or not concept.strip():
+            raise ConfigError(f"metrics.concept must name a concept, got {concept!r}")
+        self.concept = concept.strip()
+
+    def per_image(self, outputs: ImageSet, references: ImageSet) -> torch.Tensor:
+        return self._values(outputs, lambda _, predicted: predicted == self.concept)
 
 
 class _StyleJudge(Metric):

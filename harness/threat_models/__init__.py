@@ -49,6 +49,10 @@ class ThreatModel:
         prepare: None, or ``prepare(outputs, references) -> (outputs, references)``: what the measures compare,
             from the mimic's outputs and the references the pipeline chose (the privacy threat model matches
             unordered reconstructions to the private images there).
+        floor_defense: None (the floor is :meth:`harness.protocols.Mimic.floor` on the clean images), or the
+            defense option whose output the mimic runs on as the floor instead (poisoning: dirty-label poison of
+            the same count); ``floor_defense_args`` are the audited defense's options it takes over (the
+            target concept).
     """
 
     name: str
@@ -61,6 +65,8 @@ class ThreatModel:
     floor_reseeds: bool = False
     baseline_text: str = "noise of the same budget"
     prepare: Callable[..., Any] | None = None
+    floor_defense: str | None = None
+    floor_defense_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.reference not in REFERENCES:

@@ -1,0 +1,177 @@
+"""Poisoned training (Nightshade's threat model, Shan et al. IEEE S&P 2024): the trainer continues training the
+whole UNet on a clean corpus with the scraped, possibly poisoned, images mixed in, then is probed with prompts.
+
+As in the paper, the whole model keeps training (not a LoRA or DreamBooth): the text encoder and VAE stay frozen
+as in :mod:`finetune.full`. The clean corpus is the embedded world's training split (every training artist
+painting every subject: the data the model was trained on), so that training on it alone leaves the model's
+concepts where they were; the scraped images (the pipeline's purified protected set, of which the first
+``poison_count`` are mixed in) are captioned as they come.
+
+Probes: for every probe artist, ``probes_per_concept`` generations of the source concept, of each related
+concept and of each unrelated concept, prompted with the world's caption ("a house in the style of dottori");
+their ids name group and concept (:func:`harness.threat_models.poisoning.generation_id`), which the judge's
+metrics read. ``related: auto`` takes the concepts whose prompts the model's own text encoder puts nearest the
+source's (the paper measured bleed-through over concepts at growing text-embedding distance), ``unrelated:
+auto`` the farthest.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from finetune.generate import progress_logger
+from finetune.training import OPTIMIZERS, finetune_unet, pipeline_with_unet
+from harness.diffusion import generate_seeded, text_embeddings
+from harness.protocols import ConfigError, Context, Mimic, check_int, check_range
+from harness.seeding import derive_seed
+from harness.threat_models.poisoning import generation_id
+from harness.types import ImageSet
+
+__all__ = ["PoisonTraining"]
+
+
+def _concepts(option: str, value: Any) -> list[str] | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"{option} must be 'auto' or a list of concepts, got {value!r}")
+    return [str(v).strip() for v in value]
+
+
+class PoisonTraining(Mimic):
+    """Continued training of the whole UNet on the clean corpus plus the scraped images, then probe generations.
+
+    Args:
+        source: the concept the scraped images are captioned with (the one a poison attacks).
+        related, unrelated: concept lists, or ``auto`` (``n_related`` nearest / farthest by the model's text
+            embeddings, the source excluded).
+        n_related: how many concepts ``auto`` takes for each.
+        poison_count: how many of the scraped images join the corpus (None: all; at most their number).
+        corpus_per_pair: clean corpus images per (training artist, subject) pair.
+        steps, lr, batch_size, ema_decay, optimizer: the training recipe.
+        probe_artists: how many training artists the probes are prompted with (the first ones).
+        probes_per_concept: generations per concept and probe artist.
+        sample_steps, guidance_scale: the probes' sampling.
+    """
+
+    name = "poison_training"
+    version = "1"
+    threat_model = "poisoning"
+    uses_model = True
+
+    def __init__(
+        self,
+        source: str = "house",
+        related: Sequence[str] | str = "auto",
+        unrelated: Sequence[str] | str = "auto",
+        n_related: int = 2,
+        poison_count: int | None = None,
+        corpus_per_pair: int = 2,
+        steps: int = 300,
+        lr: float = 1e-4,
+        batch_size: int = 16,
+        ema_decay: float | None = None,
+        optimizer: str = "adamw",
+        probe_artists: int = 5,
+        probes_per_concept: int = 2,
+        sample_steps: int = 20,
+        guidance_scale: float = 5.0,
+    ):
+        if not isinstance(source, str) or not source.strip():
+            raise ConfigError(f"mimic.source must name a concept, got {source!r}")
+        self.source = source.strip()
+        self.related = _concepts("mimic.related", related)
+        self.unrelated = _concepts("mimic.unrelated", unrelated)
+        self.n_related = check_int("mimic.n_related", n_related, 1)
+        self.poison_count = None if poison_count is None else check_int("mimic.poison_count", poison_count, 0)
+        self.corpus_per_pair = check_int("mimic.corpus_per_pair", corpus_per_pair, 1)
+        self.steps = check_int("mimic.steps", steps, 1)
+        self.lr = check_range("mimic.lr", lr, 1e-10, 1.0)
+        self.batch_size = check_int("mimic.batch_size", batch_size, 1)
+        self.ema_decay = check_range("mimic.ema_decay", ema_decay, 0.0, 0.99999) if ema_decay else None
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"mimic.optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+        self.optimizer = optimizer
+        self.probe_artists = check_int("mimic.probe_artists", probe_artists, 1)
+        self.probes_per_concept = check_int("mimic.probes_per_concept", probes_per_concept, 1)
+        self.sample_steps = check_int("mimic.sample_steps", sample_steps, 1)
+        self.guidance_scale = check_range("mimic.guidance_scale", guidance_scale, 0.0, 100.0)
+
+    # ------------------------------------------------------------------------------------------ the probes
+    def concept_groups(self, pipe: Any) -> dict[str, list[str]]:
+        """group -> concepts: the source, the related and the unrelated ones (``auto`` resolved with ``pipe``'s
+        text encoder: cosine similarity of the mean token embedding of "a <concept>")."""
+        from harness.world import SUBJECTS
+
+        groups: dict[str, list[str]] = {"source": [self.source]}
+        ranked: list[str] = []
+        if "auto" in (self.related, self.unrelated):
+            others = [s for s in SUBJECTS if s != self.source]
+            with torch.no_grad():
+                emb = text_embeddings(pipe, [f"a {c}" for c in [self.source, *others]]).float().mean(dim=1)
+            emb = torch.nn.functional.normalize(emb, dim=1)
+            sim = (emb[1:] @ emb[0]).tolist()
+            ranked = [c for _, c in sorted(zip(sim, others, strict=True), key=lambda t: -t[0])]
+        groups["related"] = ranked[: self.n_related] if self.related == "auto" else list(self.related)
+        groups["unrelated"] = ranked[-self.n_related :] if self.unrelated == "auto" else list(self.unrelated)
+        return groups
+
+    def probes(self, pipe: Any) -> tuple[list[str], list[str]]:
+        """(ids, prompts) of every probe generation."""
+        from harness.world import TRAIN_ARTISTS, artwork_caption
+
+        if self.probe_artists > len(TRAIN_ARTISTS):
+            raise ConfigError(f"mimic.probe_artists must be at most {len(TRAIN_ARTISTS)}, got {self.probe_artists}")
+        ids, prompts = [], []
+        for group, concepts in self.concept_groups(pipe).items():
+            for concept in concepts:
+                for artist in TRAIN_ARTISTS[: self.probe_artists]:
+                    for k in range(self.probes_per_concept):
+                        ids.append(generation_id(group, concept, artist, k))
+                        prompts.append(artwork_caption(concept, artist))
+        return ids, prompts
+
+    def _probe(self, pipe: Any, size: tuple[int, int], seed: int, ctx: Context, desc: str) -> ImageSet:
+        ids, prompts = self.probes(pipe)
+        images = generate_seeded(pipe, ids, prompts, seed, size, self.sample_steps, self.guidance_scale, ctx, desc)
+        return ImageSet(images, ids, prompts)
+
+    # ------------------------------------------------------------------------------------------ training
+    def corpus(self, side: int) -> ImageSet:
+        """The clean corpus: the world's training split, every training artist and subject, at ``side`` px."""
+        from harness.world import ProceduralArt
+
+        return ProceduralArt(artists="train", per_pair=self.corpus_per_pair, size=side, split="train").load()
+
+    def run(self, images: ImageSet, generator: torch.Generator, ctx: Context) -> ImageSet:
+        if images.size[0] != images.size[1]:
+            raise ConfigError(f"mimic=poison_training needs square images, got {images.size}")
+        count = len(images) if self.poison_count is None else self.poison_count
+        if count > len(images):
+            raise ConfigError(f"mimic.poison_count is {count}, but the scraped set has {len(images)} images")
+        pipe = ctx.pipeline("text2img")
+        base_seed = generator.initial_seed()
+        scraped = ImageSet(images.images[:count], images.ids[:count], images.captions[:count]) if count else None
+        corpus = self.corpus(images.size[0])
+        mix = corpus if scraped is None else ImageSet.concat([corpus, scraped])
+        unet = copy.deepcopy(pipe.unet).float().requires_grad_(True)
+        finetune_unet(
+            pipe,
+            unet,
+            list(unet.parameters()),
+            mix,
+            list(mix.captions),
+            steps=self.steps,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            seed=derive_seed(base_seed, "train"),
+            ema_decay=self.ema_decay,
+            log=progress_logger(ctx, self.steps, "poison training"),
+            optimizer=self.optimizer,
+        )
+        tuned = pipeline_with_unet(pipe, unet)
+        return self._probe(tuned, images.size, derive_seed(base_seed, "probe"), ctx, "poisoned model probes")
