@@ -9,6 +9,7 @@ the tables:
     python -m harness.rerun results --where defense=mist --where purifier=noisy_upscale
     python -m harness.rerun results --where mimic=none,purifier=none --dry-run
     python -m harness.rerun results --check-keys     # after a refactor: are the cached results still found?
+    python -m harness.rerun results/world-v1 --into results   # rows of older models, re-run on today's into results/
 
 ``--where`` takes ``label=value`` pairs joined by commas (all must hold; a value matches the whole label or its
 name before ``[``); several ``--where`` select the rows any of them selects. Without ``--where``: every row.
@@ -107,6 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default="results/cache", help="artifact cache (default: results/cache)")
     parser.add_argument("--dry-run", action="store_true", help="print the overrides of each selected row")
     parser.add_argument(
+        "--into",
+        default=None,
+        help="results folder for the re-run rows and their tables (default: RESULTS_DIR itself, where a row whose "
+        "id changed replaces the old one); with another folder RESULTS_DIR is left as it is",
+    )
+    parser.add_argument(
         "--check-keys",
         action="store_true",
         help="run nothing: check that each selected row's stage keys are the ones its overrides give today",
@@ -128,10 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from harness.run import compose_config, run_from_config
     from harness.tables import write_tables
 
+    into = Path(args.into) if args.into else results
     for k, row in enumerate(rows, 1):
         overrides = [
             *overrides_of(row),
-            f"runtime.results_dir={results}",
+            f"runtime.results_dir={into}",
             f"runtime.cache_dir={args.cache_dir}",
             "runtime.progress=false",
         ]
@@ -140,10 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         cfg, choices = compose_config(overrides)
         new = run_from_config(cfg, choices=choices, overrides=overrides)
-        if new is not None and new["run_id"] != row["run_id"]:
+        if new is not None and new["run_id"] != row["run_id"] and into == results:
             (results / "runs" / f"{row['run_id']}.json").unlink(missing_ok=True)
     if not args.dry_run:
-        write_tables(results, args.cache_dir)
+        write_tables(into, args.cache_dir)
     return 0
 
 

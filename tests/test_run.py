@@ -200,3 +200,28 @@ def test_reuse_rows_returns_a_committed_row_without_the_cache_and_only_when_its_
     extra = ["control=noise"] if row["labels"]["control"] == "noise" else []
     out = run(harness_cmd(results, empty, *args, *extra, "runtime.reuse_rows=true"))
     assert "reused" not in out and any(p.is_file() for p in empty.rglob("*"))
+
+
+def test_rerun_into_another_folder_writes_the_selected_rows_there_and_leaves_the_source(sweep, tmp_path):
+    """python -m harness.rerun SRC --where ... --into DST: the selected rows re-run from what their labels record
+    (here all from the cache) land in DST with their tables; SRC keeps its rows as they were."""
+    from harness.rerun import main
+
+    results, cache = sweep
+    before = rows(results)
+    args = [
+        str(results),
+        "--where",
+        "defense=noise,purifier=jpeg",
+        "--cache-dir",
+        str(cache),
+        "--into",
+        str(tmp_path / "D"),
+    ]
+    assert main(args) == 0
+    selected = {k for k, r in before.items() if r["labels"]["defense"] == "noise" and r["labels"]["purifier"] == "jpeg"}
+    new = rows(tmp_path / "D")
+    assert len(selected) == 2 and new.keys() == selected  # one row per seed, the same ids
+    for k, row in new.items():
+        assert row["per_image"] == before[k]["per_image"] and all(s["cached"] for s in row["stages"].values())
+    assert rows(results) == before and (tmp_path / "D" / "tables" / "summary.md").is_file()
