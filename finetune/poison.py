@@ -12,7 +12,7 @@ concept and of each unrelated concept, prompted with the world's caption ("a hou
 their ids name group and concept (:func:`harness.threat_models.poisoning.generation_id`), which the judge's
 metrics read. ``related: auto`` takes the concepts whose prompts the model's own text encoder puts nearest the
 source's (the paper measured bleed-through over concepts at growing text-embedding distance), ``unrelated:
-auto`` the farthest.
+auto`` the farthest (cosine similarity of the text encoder's pooled embeddings of "a <concept>").
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from finetune.generate import progress_logger
 from finetune.training import OPTIMIZERS, finetune_unet, pipeline_with_unet
-from harness.diffusion import generate_seeded, text_embeddings
+from harness.diffusion import generate_seeded, tokenize
 from harness.protocols import ConfigError, Context, Mimic, check_int, check_range
 from harness.seeding import derive_seed
 from harness.threat_models.poisoning import generation_id
@@ -104,15 +104,16 @@ class PoisonTraining(Mimic):
     # ------------------------------------------------------------------------------------------ the probes
     def concept_groups(self, pipe: Any) -> dict[str, list[str]]:
         """group -> concepts: the source, the related and the unrelated ones (``auto`` resolved with ``pipe``'s
-        text encoder: cosine similarity of the mean token embedding of "a <concept>")."""
+        text encoder: cosine similarity of the pooled embedding of "a <concept>")."""
         from harness.world import SUBJECTS
 
         groups: dict[str, list[str]] = {"source": [self.source]}
         ranked: list[str] = []
         if "auto" in (self.related, self.unrelated):
             others = [s for s in SUBJECTS if s != self.source]
-            with torch.no_grad():
-                emb = text_embeddings(pipe, [f"a {c}" for c in [self.source, *others]]).float().mean(dim=1)
+            tokens = tokenize(pipe.tokenizer, [f"a {c}" for c in [self.source, *others]]).to(pipe.text_encoder.device)
+            with torch.no_grad():  # the pooled (end-of-text) embedding: CLIP's text feature
+                emb = pipe.text_encoder(tokens).pooler_output.float()
             emb = torch.nn.functional.normalize(emb, dim=1)
             sim = (emb[1:] @ emb[0]).tolist()
             ranked = [c for _, c in sorted(zip(sim, others, strict=True), key=lambda t: -t[0])]

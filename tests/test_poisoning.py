@@ -148,3 +148,28 @@ def test_an_audit_of_nightshade_plans_the_poisoning_threat_model_with_its_contro
     assert runs and all("mimic=poison_training" in r and "dataset=poison_source" in r for r in runs)
     controls = [next((o for o in r if o.startswith("control=")), "protected") for r in runs]
     assert {"control=clean", "control=floor", "control=noise", "protected"} == set(controls)
+
+
+def test_poison_training_probes_the_source_and_the_nearest_and_farthest_concepts():
+    """The probes: every probe artist prompts the source, the 2 concepts the text encoder puts nearest to it and
+    the 2 farthest, each concept once per group, the source in none of the others; explicit lists are kept."""
+    from finetune.poison import PoisonTraining
+    from harness.models import load_pipeline
+    from harness.world import SUBJECTS
+
+    pipe = load_pipeline(ModelSpec(source="tiny-random", resolution=32), "text2img")
+    mimic = PoisonTraining(source="house", probe_artists=2, probes_per_concept=1)
+    groups = mimic.concept_groups(pipe)
+    assert groups["source"] == ["house"] and len(groups["related"]) == len(groups["unrelated"]) == 2
+    assert (
+        not set(groups["related"]) & set(groups["unrelated"]) and "house" not in groups["related"] + groups["unrelated"]
+    )
+    assert set(groups["related"] + groups["unrelated"]) <= set(SUBJECTS)
+    ids, prompts = mimic.probes(pipe)
+    assert len(ids) == 5 * 2 and all(parse_generation_id(i) for i in ids) and "a house in the style of" in prompts[0]
+    fixed = PoisonTraining(related=["boat"], unrelated=["sun", "moon"]).concept_groups(pipe)
+    assert fixed == {"source": ["house"], "related": ["boat"], "unrelated": ["sun", "moon"]}
+    with pytest.raises(ConfigError, match="mimic.poison_count"):
+        PoisonTraining(poison_count=5).run(
+            ImageSet(torch.rand(2, 3, 32, 32), ["a", "b"], ["x", "y"]), make_generator(0), Context()
+        )
