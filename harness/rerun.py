@@ -79,8 +79,7 @@ def check_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     from omegaconf import OmegaConf
 
     from harness.errors import HarnessError
-    from harness.pipeline import planned_keys
-    from harness.run import as_control, build_experiment, control_of
+    from harness.run import build_experiment, control_of, row_planned_keys
 
     changed = []
     for row in rows:
@@ -90,11 +89,7 @@ def check_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         except HarnessError as err:  # an option that no longer exists (the component changed since)
             changed.append(f"{row['run_id']}: cannot build the config it recorded: {err}")
             continue
-        control = control_of(cfg)
-        if control is not None:
-            linf = (row.get("control") or {}).get("realised_linf")
-            exp, _ = as_control(cfg, exp, control, None, None, linf=linf)
-        planned, recorded = planned_keys(exp), row.get("stage_keys", {})
+        planned, recorded = row_planned_keys(cfg, exp, control_of(cfg), row) or {}, row.get("stage_keys", {})
         differ = sorted(s for s in set(planned) | set(recorded) if planned.get(s) != recorded.get(s))
         if differ:
             changed.append(f"{row['run_id']} ({' '.join(overrides_of(row)[:6])}): stage keys differ in {differ}")

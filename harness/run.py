@@ -310,15 +310,22 @@ def reusable_row(
             continue
         if row_extra and any(row.get(k) != v for k, v in row_extra.items()):
             continue
-        planned = exp
-        if control is not None:
-            linf = (row.get("control") or {}).get("realised_linf")
-            if control == "noise" and linf is None:
-                continue
-            planned, _ = as_control(cfg, exp, control, None, None, linf=linf)  # type: ignore[arg-type]
-        if planned_keys(planned) == row.get("stage_keys"):
+        if row_planned_keys(cfg, exp, control, row) == row.get("stage_keys"):
             return row
     return None
+
+
+def row_planned_keys(cfg: DictConfig, exp: Experiment, control: str | None, row: Mapping[str, Any]) -> dict | None:
+    """The stage keys today's code gives ``exp`` as ``row`` ran it: a control of it (a noise control at the
+    realised budget the row records), computed without running anything. None for a noise row that records no
+    budget."""
+    if control is None:
+        return planned_keys(exp)
+    linf = (row.get("control") or {}).get("realised_linf")
+    if control == "noise" and linf is None:
+        return None
+    planned, _ = as_control(cfg, exp, control, None, None, linf=linf)  # type: ignore[arg-type]
+    return planned_keys(planned)
 
 
 def run_from_config(
