@@ -13,6 +13,12 @@ their ids name group and concept (:func:`harness.threat_models.poisoning.generat
 metrics read. ``related: auto`` takes the concepts whose prompts the model's own text encoder puts nearest the
 source's (the paper measured bleed-through over concepts at growing text-embedding distance), ``unrelated:
 auto`` the farthest (cosine similarity of the text encoder's pooled embeddings of "a <concept>").
+
+The trainer's countermeasure on its training data (``filter_drop`` > 0): before training, every (image, caption)
+pair of the mix is scored by the judge's image-text cosine similarity (tiny-clip by default: the model that judges
+the probes) and the ``filter_drop`` share with the lowest alignment is dropped, whichever part of the mix it
+comes from. Its detection figures go into the row's ``mimic_info``: of the dropped pairs, the share that were
+scraped (precision, when the scraped images are the poison) and of the scraped pairs, the share dropped (recall).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from finetune.generate import progress_logger
 from finetune.training import OPTIMIZERS, finetune_unet, pipeline_with_unet
 from harness.diffusion import generate_seeded, tokenize
+from harness.metrics.clip import ClipSpec, load_clip
 from harness.protocols import ConfigError, Context, Mimic, check_int, check_range
 from harness.seeding import derive_seed
 from harness.threat_models.poisoning import generation_id
@@ -56,6 +63,10 @@ class PoisonTraining(Mimic):
         probe_artists: how many training artists the probes are prompted with (the first ones).
         probes_per_concept: generations per concept and probe artist.
         sample_steps, guidance_scale: the probes' sampling.
+        filter_drop: the share of the training pairs (corpus and scraped alike) the trainer drops before
+            training, those with the lowest caption-image alignment under ``filter_clip``; 0: no filter.
+        filter_clip, filter_pretrained: the image-text model that scores the alignment (an open_clip source,
+            as the metrics' ``clip`` option).
     """
 
     name = "poison_training"
@@ -80,6 +91,9 @@ class PoisonTraining(Mimic):
         probes_per_concept: int = 2,
         sample_steps: int = 20,
         guidance_scale: float = 5.0,
+        filter_drop: float = 0.0,
+        filter_clip: str = "tiny-clip",
+        filter_pretrained: str | None = None,
     ):
         if not isinstance(source, str) or not source.strip():
             raise ConfigError(f"mimic.source must name a concept, got {source!r}")
@@ -100,6 +114,10 @@ class PoisonTraining(Mimic):
         self.probes_per_concept = check_int("mimic.probes_per_concept", probes_per_concept, 1)
         self.sample_steps = check_int("mimic.sample_steps", sample_steps, 1)
         self.guidance_scale = check_range("mimic.guidance_scale", guidance_scale, 0.0, 100.0)
+        self.filter_drop = check_range("mimic.filter_drop", filter_drop, 0.0, 0.9)
+        if not isinstance(filter_clip, str) or not filter_clip.strip():
+            raise ConfigError(f"mimic.filter_clip must name an image-text model, got {filter_clip!r}")
+        self.filter_spec = ClipSpec(source=filter_clip, pretrained=filter_pretrained)
 
     # ------------------------------------------------------------------------------------------ the probes
     def concept_groups(self, pipe: Any) -> dict[str, list[str]]:
@@ -148,7 +166,44 @@ class PoisonTraining(Mimic):
 
         return ProceduralArt(artists="train", per_pair=self.corpus_per_pair, size=side, split="train").load()
 
+    def filter_pairs(self, mix: ImageSet, scraped_ids: set[str], ctx: Context) -> tuple[ImageSet, dict[str, float]]:
+        """The trainer's caption-alignment filter: ``mix`` without the ``filter_drop`` share of its pairs whose
+        caption the judge finds least aligned with the image, and the filter's figures (the positives being
+        the pairs whose id is in ``scraped_ids``). Ties are broken by position, so the result is deterministic."""
+        drop = round(self.filter_drop * len(mix))
+        clip = load_clip(self.filter_spec, device=ctx.device)
+        with torch.no_grad():
+            alignment = (clip.encode_images(mix.images) * clip.encode_texts(list(mix.captions))).sum(1)
+        order = sorted(range(len(mix)), key=lambda i: (float(alignment[i]), i))
+        dropped = set(order[:drop])
+        keep = [i for i in range(len(mix)) if i not in dropped]
+        caught = sum(1 for i in dropped if mix.ids[i] in scraped_ids)
+        n_scraped = sum(1 for i in mix.ids if i in scraped_ids)
+        info = {
+            "filter_drop": self.filter_drop,
+            "filter_pairs": float(len(mix)),
+            "filter_dropped": float(drop),
+            "filter_dropped_scraped": float(caught),
+            "filter_scraped": float(n_scraped),
+            # positives: the scraped pairs (the poison, in a run on poisoned images)
+            "filter_precision": caught / drop if drop else float("nan"),
+            "filter_recall": caught / n_scraped if n_scraped else float("nan"),
+            "filter_alignment_scraped_mean": _mean(
+                [float(alignment[i]) for i, x in enumerate(mix.ids) if x in scraped_ids]
+            ),
+            "filter_alignment_corpus_mean": _mean(
+                [float(alignment[i]) for i, x in enumerate(mix.ids) if x not in scraped_ids]
+            ),
+        }
+        kept = ImageSet(mix.images[keep], tuple(mix.ids[i] for i in keep), tuple(mix.captions[i] for i in keep))
+        return kept, info
+
     def run(self, images: ImageSet, generator: torch.Generator, ctx: Context) -> ImageSet:
+        return self.run_with_info(images, generator, ctx)[0]
+
+    def run_with_info(
+        self, images: ImageSet, generator: torch.Generator, ctx: Context
+    ) -> tuple[ImageSet, dict[str, float]]:
         if images.size[0] != images.size[1]:
             raise ConfigError(f"mimic=poison_training needs square images, got {images.size}")
         count = len(images) if self.poison_count is None else self.poison_count
@@ -159,6 +214,9 @@ class PoisonTraining(Mimic):
         scraped = ImageSet(images.images[:count], images.ids[:count], images.captions[:count]) if count else None
         corpus = self.corpus(images.size[0])
         mix = corpus if scraped is None else ImageSet.concat([corpus, scraped])
+        info: dict[str, float] = {}
+        if self.filter_drop > 0:
+            mix, info = self.filter_pairs(mix, set(scraped.ids) if scraped is not None else set(), ctx)
         unet = copy.deepcopy(pipe.unet).float().requires_grad_(True)
         finetune_unet(
             pipe,
@@ -175,4 +233,8 @@ class PoisonTraining(Mimic):
             optimizer=self.optimizer,
         )
         tuned = pipeline_with_unet(pipe, unet)
-        return self._probe(tuned, images.size, derive_seed(base_seed, "probe"), ctx, "poisoned model probes")
+        return self._probe(tuned, images.size, derive_seed(base_seed, "probe"), ctx, "poisoned model probes"), info
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")

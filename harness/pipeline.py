@@ -104,6 +104,8 @@ class RunResult:
     defense_info: dict[str, Any]
     purifier_params: dict[str, Any]
     per_set: dict[str, float] = field(default_factory=dict)
+    #: what the mimic reported besides its outputs (:meth:`harness.protocols.Mimic.run_with_info`)
+    mimic_info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -383,8 +385,14 @@ class MimicStage(Stage):
             attack = lambda: (exp.mimic.floor(clean, make_generator(seed), s.ctx), {})  # noqa: E731
         else:
             purified, label = for_component(exp.mimic, s.images["purified"], s.ctx), exp.mimic.name
-            attack = lambda: (exp.mimic.run(purified, make_generator(seed), s.ctx), {})  # noqa: E731
+            attack = lambda: _with_info(exp.mimic.run_with_info(purified, make_generator(seed), s.ctx))  # noqa: E731
         s.images["outputs"], s.records["mimic"] = _stage_images(s.store, "mimic", self.key(s), seed, label, attack)
+
+
+def _with_info(result: tuple[ImageSet, dict[str, float]]) -> tuple[ImageSet, dict[str, Any]]:
+    """A mimic's (outputs, info) as a stage's (images, extra): the info, if any, under ``info``."""
+    images, info = result
+    return images, ({"info": dict(info)} if info else {})
 
 
 class ReferenceStage(Stage):
@@ -548,4 +556,5 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
         defense_info=s.records["protect"].extra.get("info", {}),
         purifier_params=s.records["purify"].extra.get("params", {}),
         per_set=s.per_set,
+        mimic_info=s.records["mimic"].extra.get("info", {}) if "mimic" in s.records else {},
     )

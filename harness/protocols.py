@@ -167,6 +167,13 @@ class Mimic(Component):
     def run(self, images: ImageSet, generator: torch.Generator, ctx: Context) -> ImageSet:
         """Run the mimic on ``images`` and return its outputs as an ImageSet in [0, 1]."""
 
+    def run_with_info(
+        self, images: ImageSet, generator: torch.Generator, ctx: Context
+    ) -> tuple[ImageSet, dict[str, float]]:
+        """:meth:`run`, and numbers describing what the attacker did besides its outputs (a training-data
+        filter's counts, say), which the row keeps as ``mimic_info``. The default has none."""
+        return self.run(images, generator, ctx), {}
+
     def floor(self, images: ImageSet, generator: torch.Generator, ctx: Context) -> ImageSet:
         """The **floor** control: what the attacker gets from ``images`` with nothing useful to learn from.
 

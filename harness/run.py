@@ -279,6 +279,8 @@ def make_row(cfg: DictConfig, exp: Experiment, result: RunResult, labels: dict[s
         },
         "defense_info": result.defense_info,
         "purifier_params": result.purifier_params,
+        # only when the mimic reported something (a training-data filter's counts): older rows stay as they were
+        **({"mimic_info": result.mimic_info} if result.mimic_info else {}),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "provenance": provenance(device),
     }

@@ -173,3 +173,93 @@ def test_poison_training_probes_the_source_and_the_nearest_and_farthest_concepts
         PoisonTraining(poison_count=5).run(
             ImageSet(torch.rand(2, 3, 32, 32), ["a", "b"], ["x", "y"]), make_generator(0), Context()
         )
+
+
+class _ColourJudge:
+    """An image-text model by hand: an image's feature is its mean (red, green), normalised; "house" means red and
+    "boat" green. A red house captioned "a house" aligns (cosine 1); a green boat captioned "a house" does not."""
+
+    def encode_images(self, images):
+        return torch.nn.functional.normalize(images[:, :2].mean((2, 3)), dim=1)
+
+    def encode_texts(self, texts):
+        return torch.tensor([[1.0, 0.0] if "house" in t else [0.0, 1.0] for t in texts])
+
+
+def _coloured(n: int, channel: int, caption: str, prefix: str) -> ImageSet:
+    x = torch.full((n, 3, 8, 8), 0.05)
+    x[:, channel] = 0.9
+    return ImageSet(x, [f"{prefix}/{i}" for i in range(n)], [caption] * n)
+
+
+def test_caption_alignment_filter_drops_the_least_aligned_pairs_and_counts_the_poison(monkeypatch):
+    """By hand: 6 aligned corpus pairs and 2 dirty-label ones (green boats captioned "a house"). Dropping a quarter
+    drops exactly the 2 poisoned pairs (precision 1, recall 1); dropping half also drops 2 clean ones, the first
+    of equal alignment by position (precision 0.5, recall 1)."""
+    import finetune.poison as poison
+
+    monkeypatch.setattr(poison, "load_clip", lambda spec, device="cpu": _ColourJudge())
+    corpus = ImageSet.concat([_coloured(3, 0, "a house", "corpus/h"), _coloured(3, 1, "a boat", "corpus/b")])
+    scraped = _coloured(2, 1, "a house in the style of dottori", "scraped")
+    mix = ImageSet.concat([corpus, scraped])
+    kept, info = poison.PoisonTraining(filter_drop=0.25).filter_pairs(mix, set(scraped.ids), Context())
+    assert kept.ids == corpus.ids and kept.captions == corpus.captions
+    assert torch.equal(kept.images, corpus.images)
+    assert (info["filter_dropped"], info["filter_precision"], info["filter_recall"]) == (2.0, 1.0, 1.0)
+    assert info["filter_alignment_corpus_mean"] > 0.99 and info["filter_alignment_scraped_mean"] < 0.1
+    kept, info = poison.PoisonTraining(filter_drop=0.5).filter_pairs(mix, set(scraped.ids), Context())
+    # dropped: the 2 poisoned pairs (alignment 0) and the first 2 clean ones by position (all clean ones tie at 1)
+    assert kept.ids == ("corpus/h/2", "corpus/b/0", "corpus/b/1", "corpus/b/2")
+    assert (info["filter_dropped"], info["filter_precision"], info["filter_recall"]) == (4.0, 0.5, 1.0)
+    with pytest.raises(ConfigError, match="mimic.filter_drop"):
+        poison.PoisonTraining(filter_drop=0.95)
+    with pytest.raises(ConfigError, match="mimic.filter_clip"):
+        poison.PoisonTraining(filter_drop=0.1, filter_clip="")
+
+
+def test_a_filtered_poison_training_run_writes_the_filter_figures_into_its_row(tmp_path, monkeypatch):
+    """The whole path on tiny-random: the mimic's filter figures reach the row as mimic_info (and a run without
+    a filter writes none); the training data really shrinks by the dropped share."""
+    import json
+
+    import finetune.poison as poison
+    from harness.run import compose_config, run_from_config
+
+    seen = {}
+    real = poison.finetune_unet
+
+    def spy(pipe, unet, params, data, captions, **kw):
+        seen.setdefault("sizes", []).append(len(data))
+        return real(pipe, unet, params, data, captions, **kw)
+
+    monkeypatch.setattr(poison, "finetune_unet", spy)
+    common = [
+        "dataset=poison_source",
+        "dataset.per_pair=1",
+        "mimic.poison_count=4",
+        "defense=dirty_label",
+        "mimic=poison_training",
+        "mimic.steps=2",
+        "mimic.corpus_per_pair=1",
+        "mimic.probe_artists=1",
+        "mimic.probes_per_concept=1",
+        "mimic.n_related=1",
+        "mimic.sample_steps=2",
+        "metrics=poisoning",
+        "model=tiny-random",
+        f"runtime.results_dir={tmp_path / 'R'}",
+        f"runtime.cache_dir={tmp_path / 'C'}",
+        "runtime.progress=false",
+    ]
+    rows = []
+    for extra in (["mimic.filter_drop=0.25"], ["seed=1"]):
+        cfg, choices = compose_config([*common, *extra])
+        rows.append(run_from_config(cfg, choices=choices, overrides=[*common, *extra]))
+    assert len(list((tmp_path / "R" / "runs").glob("*.json"))) == 2 and "mimic_info" not in rows[1]
+    on_disk = [json.loads(p.read_text()) for p in (tmp_path / "R" / "runs").glob("*.json")]
+    assert sum("mimic_info" in r for r in on_disk) == 1
+    info = rows[0]["mimic_info"]
+    assert info["filter_scraped"] == 4 and info["filter_dropped"] == round(0.25 * info["filter_pairs"])
+    assert 0 <= info["filter_precision"] <= 1 and 0 <= info["filter_recall"] <= 1
+    assert seen["sizes"][0] == info["filter_pairs"] - info["filter_dropped"]
+    assert seen["sizes"][1] == info["filter_pairs"]
