@@ -204,13 +204,19 @@ class PoisonTraining(Mimic):
     def run_with_info(
         self, images: ImageSet, generator: torch.Generator, ctx: Context
     ) -> tuple[ImageSet, dict[str, float]]:
+        tuned, info = self.train(images, generator, ctx)
+        base_seed = generator.initial_seed()
+        return self._probe(tuned, images.size, derive_seed(base_seed, "probe"), ctx, "poisoned model probes"), info
+
+    def train(self, images: ImageSet, generator: torch.Generator, ctx: Context) -> tuple[Any, dict[str, float]]:
+        """The trainer's model: the pipeline with its UNet trained on the corpus plus the first ``poison_count``
+        scraped ``images`` (after the filter, if any), and the filter's figures (empty without one)."""
         if images.size[0] != images.size[1]:
             raise ConfigError(f"mimic=poison_training needs square images, got {images.size}")
         count = len(images) if self.poison_count is None else self.poison_count
         if count > len(images):
             raise ConfigError(f"mimic.poison_count is {count}, but the scraped set has {len(images)} images")
         pipe = ctx.pipeline("text2img")
-        base_seed = generator.initial_seed()
         scraped = ImageSet(images.images[:count], images.ids[:count], images.captions[:count]) if count else None
         corpus = self.corpus(images.size[0])
         mix = corpus if scraped is None else ImageSet.concat([corpus, scraped])
@@ -227,13 +233,12 @@ class PoisonTraining(Mimic):
             steps=self.steps,
             lr=self.lr,
             batch_size=self.batch_size,
-            seed=derive_seed(base_seed, "train"),
+            seed=derive_seed(generator.initial_seed(), "train"),
             ema_decay=self.ema_decay,
             log=progress_logger(ctx, self.steps, "poison training"),
             optimizer=self.optimizer,
         )
-        tuned = pipeline_with_unet(pipe, unet)
-        return self._probe(tuned, images.size, derive_seed(base_seed, "probe"), ctx, "poisoned model probes"), info
+        return pipeline_with_unet(pipe, unet), info
 
 
 def _mean(values: list[float]) -> float:

@@ -373,3 +373,49 @@ def test_inpaint_border_ceilings_are_the_reconstruction_without_a_hole_and_fall_
     _, small = border_ceilings(vae, x, centre_mask(64, 16))
     _, large = border_ceilings(vae, x, centre_mask(64, 32))
     assert border(large) < border(small) <= border(rec) + 1e-6
+
+
+def test_subject_judge_accuracy_by_hand(monkeypatch):
+    """evaluate_subject_judge on a judge that always answers "house": accuracy 1/10 (the share of houses among
+    the world's 10 subjects), 1.0 on house and 0 on every other subject; on a perfect judge, 1.0 everywhere."""
+    import harness.zoo.evaluate as ev
+    from harness.world import SUBJECTS
+
+    art, who, what = ev.eval_art(["dottori", "tessela"], 1)
+    monkeypatch.setattr(ev, "eval_art", lambda artists, per_pair: (art, who, what))
+
+    class Always:
+        def __init__(self, answer=None):
+            self.answer = answer
+
+        def predict(self, images):
+            return [self.answer] * len(images) if self.answer else list(what)
+
+    monkeypatch.setattr(ev, "subject_classifier", lambda clip: Always("house"))
+    out = ev.evaluate_subject_judge(None)
+    assert out["zero_shot_subject_accuracy"] == round(1 / len(SUBJECTS), 4) == out["chance"]
+    assert out["zero_shot_subject_accuracy_per_subject"]["house"] == 1.0
+    assert all(v == 0.0 for s, v in out["zero_shot_subject_accuracy_per_subject"].items() if s != "house")
+    monkeypatch.setattr(ev, "subject_classifier", lambda clip: Always())
+    assert ev.evaluate_subject_judge(None)["zero_shot_subject_accuracy"] == 1.0
+
+
+def test_subject_conditioning_measures_both_swaps_on_a_small_model():
+    """On tiny-random (32 px): both swaps move the text encoder's output (a random encoder tells tokens apart),
+    the own caption's loss is a positive finite number and the gaps are finite; a swap of the same word would
+    move nothing (the helper refuses a word the caption lacks)."""
+    import math
+
+    from harness.models import ModelSpec, load_pipeline
+    from harness.zoo import evaluate as ev
+
+    pipe = load_pipeline(ModelSpec(source="tiny-random", resolution=32), "text2img")
+    out = ev.subject_conditioning(pipe, per_pair=1, draws=1)
+    assert out["images"] == len(ev.SUBJECTS) * len(ev.TRAIN_ARTISTS)
+    assert out["text_embedding_moved_by_subject_swap"] > 0 and out["text_embedding_moved_by_artist_swap"] > 0
+    assert out["denoising_loss_own_caption"] > 0
+    assert math.isfinite(out["denoising_loss_gap_subject_swap"]) and math.isfinite(
+        out["denoising_loss_gap_artist_swap"]
+    )
+    with pytest.raises(ValueError, match="not in the caption"):
+        ev._swapped("a house in the style of dottori", "boat", "fish")

@@ -6,7 +6,9 @@ Commands:
                     the result into the package (``harness/zoo/<model>``, fp16 safetensors; ``--no-install``
                     keeps the shipped ones). All are the embedded world v2's (128 px, an 8x autoencoder).
     evaluate        measure the quality figures of the installed models (``figures.json`` in each folder) and
-                    write the model cards; ``--skip-lora`` skips the (minutes-long) LoRA positive control.
+                    write the model cards; ``--skip-lora`` skips the (minutes-long) LoRA positive control;
+                    ``--models concepts`` measures the poisoning threat model's figures (tiny-clip's subject
+                    accuracy, how much tiny-sd's prompt's subject conditions it).
     cards           rewrite the model cards from the saved training records and figures.
     grid            save a PNG grid of procedural artworks, one row per artist.
 
@@ -164,6 +166,24 @@ def _save_figures(model: str, figures: dict[str, Any]) -> None:
     path.write_text(json.dumps(old, indent=2) + "\n")
 
 
+def _evaluate_concepts(args: argparse.Namespace, clip: Any, stamp: dict[str, Any]) -> None:
+    """The poisoning threat model's world: tiny-clip's zero-shot subject accuracy (its card) and how much
+    tiny-sd's prompt's subject conditions it beside its artist (its card), under ``concepts`` in each."""
+    from harness.models import ModelSpec, load_pipeline
+    from harness.zoo import architectures as arch
+    from harness.zoo import evaluate as ev
+
+    t0 = time.time()
+    judge = ev.evaluate_subject_judge(clip)
+    print("tiny-clip subjects", json.dumps(judge), flush=True)
+    _save_figures("tiny-clip", {"concepts": {**judge, **stamp, "seconds": round(time.time() - t0, 1)}})
+    t0 = time.time()
+    pipe = load_pipeline(ModelSpec(source="tiny-sd", resolution=arch.RESOLUTION), "text2img", args.device)
+    conditioning = ev.subject_conditioning(pipe)
+    print("tiny-sd subject conditioning", json.dumps(conditioning), flush=True)
+    _save_figures("tiny-sd", {"concepts": {**conditioning, **stamp, "seconds": round(time.time() - t0, 1)}})
+
+
 def _evaluate_autoencoder(args: argparse.Namespace, stamp: dict[str, Any]) -> None:
     """``tiny-vae``'s figures: reconstruction, and the encoder attack's reach beside uniform noise; with
     ``--taef2 DIR`` also the TAEF2 reference row on the same photos with the same attack."""
@@ -214,10 +234,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     stamp = {"measured_on": time.strftime("%Y-%m-%d"), "device": args.device, "threads": torch.get_num_threads()}
     if "tiny-vae" in args.models:
         _evaluate_autoencoder(args, stamp)
+    clip = load_clip("tiny-clip", device=args.device)  # the judge of the other models' figures
+    if "concepts" in args.models:
+        _evaluate_concepts(args, clip, stamp)
     if not set(args.models) & set(MODELS):
         cards.write_all()
         return
-    clip = load_clip("tiny-clip", device=args.device)  # the judge of the other models' figures
     if "tiny-clip" in args.models:
         t0 = time.time()
         figures = ev.evaluate_clip(clip)
@@ -284,7 +306,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", help="measure the installed models and write figures and model cards")
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, *MODELS_V2])
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=list(MODELS),
+        choices=[*MODELS, *MODELS_V2, "concepts"],
+        help="models to measure; concepts: the poisoning threat model's figures (tiny-clip's subject accuracy, "
+        "tiny-sd's subject conditioning)",
+    )
     p.add_argument("--taef2", default=None, help="a TAEF2 folder: measure the tiny-vae card's reference row")
     p.add_argument("--attack-steps", type=int, default=None, help="override the encoder attack's 1000 steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -9,6 +9,8 @@ model cards. Style judgements use tiny-clip's zero-shot style classifier over al
 - tiny-sd: style accuracy of text-to-image samples for "<subject> in the style of <artist>"; img2img toward
   another artist's style; the edit response (does a latent shift reach the edit?); the LoRA positive control
   on the held-out artists' posted artworks, over several finetune seeds.
+- concepts (the poisoning threat model's world): tiny-clip's zero-shot subject accuracy, and how much tiny-sd's
+  prompt's subject conditions it beside its artist (text-encoder distance and denoising-loss gap).
 - tiny-sd-inpaint: a centre square is repainted with a prompt naming another artist; the repainted square is
   classified by tiny-clip (is it in the prompted style?), and the unmasked border is compared with the input.
 """
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from harness.metrics.clip import ClipModel, ZeroShotClassifier, style_classifier
+from harness.metrics.clip import ClipModel, ZeroShotClassifier, style_classifier, subject_classifier
 from harness.seeding import derive_seed, make_generator
 from harness.types import ImageSet
 from harness.world import (
@@ -150,6 +152,97 @@ def evaluate_clip(clip: ClipModel, per_pair: int = 5) -> dict[str, Any]:
         "photo_caption_top1": round(photo_acc, 4),
         "photo_images": len(photos),
         "photo_classes": len(captions),
+    }
+
+
+# ------------------------------------------------------------------ concepts (the poisoning threat model)
+
+
+def evaluate_subject_judge(clip: ClipModel, per_pair: int = 5) -> dict[str, Any]:
+    """The poisoning threat model's judge: ``clip``'s zero-shot subject accuracy over the world's subjects
+    (:func:`harness.metrics.clip.subject_classifier`) on fresh artworks (eval split) of every artist, overall,
+    per subject and per artist (chance 1 / number of subjects)."""
+    clf = subject_classifier(clip)
+    art, who, what = eval_art(ARTISTS, per_pair)
+    pred = clf.predict(art.images)
+    hits = [p == t for p, t in zip(pred, what, strict=True)]
+    return {
+        "zero_shot_subject_accuracy": round(float(np.mean(hits)), 4),
+        "zero_shot_subject_accuracy_per_subject": _per_artist(pred, what),
+        "zero_shot_subject_accuracy_per_artist": {
+            a: round(float(np.mean([h for h, w in zip(hits, who, strict=True) if w == a])), 4) for a in ARTISTS
+        },
+        "images": len(art),
+        "classes": len(SUBJECTS),
+        "chance": round(1 / len(SUBJECTS), 4),
+    }
+
+
+def _swapped(caption: str, old: str, new: str) -> str:
+    if old not in caption:
+        raise ValueError(f"{old!r} is not in the caption {caption!r}")
+    return caption.replace(old, new)
+
+
+@torch.no_grad()
+def subject_conditioning(pipe: Any, per_pair: int = 2, draws: int = 4, seed: int = 0) -> dict[str, Any]:
+    """How much the prompt's subject conditions a text-to-image model, beside its artist.
+
+    On fresh artworks (eval split) of the training artists, each with its world caption ("a house in the style
+    of dottori"), and the same caption with the subject swapped for the next of :data:`SUBJECTS` or the artist
+    for the next training artist:
+
+    - the text encoder's output moves by ``||e(swapped) - e(caption)|| / ||e(caption)||``;
+    - the denoising loss (epsilon MSE, the same noise and timesteps, ``draws`` per image) rises by a gap under
+      the swapped caption. ``subject_gap_share_of_artist_gap`` is the subject swap's gap over the artist
+      swap's: a model that draws what it is prompted with shows comparable gaps; near 0, the subject barely
+      conditions the model, and poisoning a subject cannot be measured on it.
+    """
+    from harness.diffusion import encode_mean, text_embeddings
+
+    art, who, what = eval_art(TRAIN_ARTISTS, per_pair, seed=seed, size=pipeline_side(pipe))
+    captions = [artwork_caption(s, a) for s, a in zip(what, who, strict=True)]
+    other_subject = [
+        _swapped(c, s, SUBJECTS[(SUBJECTS.index(s) + 1) % len(SUBJECTS)]) for c, s in zip(captions, what, strict=True)
+    ]
+    other_artist = [
+        _swapped(c, a, TRAIN_ARTISTS[(TRAIN_ARTISTS.index(a) + 1) % len(TRAIN_ARTISTS)])
+        for c, a in zip(captions, who, strict=True)
+    ]
+    emb = {
+        k: text_embeddings(pipe, v).float().cpu()
+        for k, v in (("own", captions), ("subject", other_subject), ("artist", other_artist))
+    }
+
+    def moved(key: str) -> float:
+        return float(((emb[key] - emb["own"]).flatten(1).norm(dim=1) / emb["own"].flatten(1).norm(dim=1)).mean())
+
+    unet, sched, device = pipe.unet, pipe.scheduler, pipe.unet.device
+    gen = make_generator(derive_seed(seed, "subject_conditioning"))
+    losses: dict[str, list[float]] = {"own": [], "subject": [], "artist": []}
+    for i in range(0, len(art), 16):
+        x = art.images[i : i + 16]
+        z = (encode_mean(pipe.vae, x.to(device)) * pipe.vae.config.scaling_factor).float()
+        for _ in range(draws):
+            noise = torch.randn(z.shape, generator=gen).to(device)
+            t = torch.randint(0, sched.config.num_train_timesteps, (len(x),), generator=gen).to(device)
+            noisy = sched.add_noise(z, noise, t)
+            for key in losses:
+                cond = emb[key][i : i + 16].to(device, unet.dtype)
+                pred = unet(noisy.to(unet.dtype), t, cond).sample.float()
+                target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z, noise, t)
+                losses[key] += ((pred - target) ** 2).flatten(1).mean(1).cpu().tolist()
+    own = float(np.mean(losses["own"]))
+    gap = {k: float(np.mean(losses[k])) - own for k in ("subject", "artist")}
+    return {
+        "text_embedding_moved_by_subject_swap": round(moved("subject"), 4),
+        "text_embedding_moved_by_artist_swap": round(moved("artist"), 4),
+        "denoising_loss_own_caption": round(own, 6),
+        "denoising_loss_gap_subject_swap": round(gap["subject"], 7),
+        "denoising_loss_gap_artist_swap": round(gap["artist"], 7),
+        "subject_gap_share_of_artist_gap": round(gap["subject"] / gap["artist"], 4) if gap["artist"] > 0 else None,
+        "images": len(art),
+        "draws_per_image": draws,
     }
 
 
