@@ -113,6 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="run nothing: check that each selected row's stage keys are the ones its overrides give today",
     )
+    parser.add_argument(
+        "--progress",
+        action="store_true",
+        help="show each run's progress bars (a re-run of finetunes or long defenses takes minutes per row)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     results = Path(args.results_dir)
@@ -136,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             *overrides_of(row),
             f"runtime.results_dir={into}",
             f"runtime.cache_dir={args.cache_dir}",
-            "runtime.progress=false",
+            f"runtime.progress={'true' if args.progress else 'false'}",
         ]
         print(f"[rerun {k}/{len(rows)}] {' '.join(overrides[:-3])}", file=sys.stderr, flush=True)
         if args.dry_run:

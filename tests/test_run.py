@@ -225,3 +225,23 @@ def test_rerun_into_another_folder_writes_the_selected_rows_there_and_leaves_the
     for k, row in new.items():
         assert row["per_image"] == before[k]["per_image"] and all(s["cached"] for s in row["stages"].values())
     assert rows(results) == before and (tmp_path / "D" / "tables" / "summary.md").is_file()
+
+
+def test_rerun_shows_progress_bars_only_when_asked(sweep, tmp_path, monkeypatch):
+    """--progress passes runtime.progress=true to every re-run (long rows show their bars); by default false."""
+    import harness.rerun as rerun
+    import harness.run
+    import harness.tables
+
+    seen = []
+
+    def capture(cfg, choices=None, overrides=(), row_extra=None):
+        seen.append(bool(cfg.runtime.progress))
+        return None
+
+    monkeypatch.setattr(harness.run, "run_from_config", capture)
+    monkeypatch.setattr(harness.tables, "write_tables", lambda *a, **k: None)
+    results, cache = sweep
+    base = [str(results), "--where", "defense=noise,purifier=jpeg", "--cache-dir", str(cache), "--into", str(tmp_path)]
+    assert rerun.main(base) == 0 and seen == [False, False]
+    assert rerun.main([*base, "--progress"]) == 0 and seen[2:] == [True, True]
