@@ -175,10 +175,10 @@ class PoisonTraining(Mimic):
         with torch.no_grad():
             alignment = (clip.encode_images(mix.images) * clip.encode_texts(list(mix.captions))).sum(1)
         order = sorted(range(len(mix)), key=lambda i: (float(alignment[i]), i))
-        dropped = set(order[:drop])
-        keep = [i for i in range(len(mix)) if i not in dropped]
-        caught = sum(1 for i in dropped if mix.ids[i] in scraped_ids)
-        n_scraped = sum(1 for i in mix.ids if i in scraped_ids)
+        dropped = torch.zeros(len(mix), dtype=torch.bool)
+        dropped[order[:drop]] = True
+        scraped = torch.tensor([i in scraped_ids for i in mix.ids], dtype=torch.bool)
+        caught, n_scraped = int((dropped & scraped).sum()), int(scraped.sum())
         info = {
             "filter_drop": self.filter_drop,
             "filter_pairs": float(len(mix)),
@@ -188,13 +188,10 @@ class PoisonTraining(Mimic):
             # positives: the scraped pairs (the poison, in a run on poisoned images)
             "filter_precision": caught / drop if drop else float("nan"),
             "filter_recall": caught / n_scraped if n_scraped else float("nan"),
-            "filter_alignment_scraped_mean": _mean(
-                [float(alignment[i]) for i, x in enumerate(mix.ids) if x in scraped_ids]
-            ),
-            "filter_alignment_corpus_mean": _mean(
-                [float(alignment[i]) for i, x in enumerate(mix.ids) if x not in scraped_ids]
-            ),
+            "filter_alignment_scraped_mean": float(alignment[scraped].mean()) if n_scraped else float("nan"),
+            "filter_alignment_corpus_mean": float(alignment[~scraped].mean()) if n_scraped < len(mix) else float("nan"),
         }
+        keep = (~dropped).nonzero().flatten().tolist()
         kept = ImageSet(mix.images[keep], tuple(mix.ids[i] for i in keep), tuple(mix.captions[i] for i in keep))
         return kept, info
 
@@ -239,7 +236,3 @@ class PoisonTraining(Mimic):
             optimizer=self.optimizer,
         )
         return pipeline_with_unet(pipe, unet), info
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")

@@ -198,7 +198,7 @@ def subject_conditioning(pipe: Any, per_pair: int = 2, draws: int = 4, seed: int
       swap's: a model that draws what it is prompted with shows comparable gaps; near 0, the subject barely
       conditions the model, and poisoning a subject cannot be measured on it.
     """
-    from harness.diffusion import encode_mean, text_embeddings
+    from harness.diffusion import denoising_prediction, encode_mean, text_embeddings
 
     art, who, what = eval_art(TRAIN_ARTISTS, per_pair, seed=seed, size=pipeline_side(pipe))
     captions = [artwork_caption(s, a) for s, a in zip(what, who, strict=True)]
@@ -226,11 +226,8 @@ def subject_conditioning(pipe: Any, per_pair: int = 2, draws: int = 4, seed: int
         for _ in range(draws):
             noise = torch.randn(z.shape, generator=gen).to(device)
             t = torch.randint(0, sched.config.num_train_timesteps, (len(x),), generator=gen).to(device)
-            noisy = sched.add_noise(z, noise, t)
             for key in losses:
-                cond = emb[key][i : i + 16].to(device, unet.dtype)
-                pred = unet(noisy.to(unet.dtype), t, cond).sample.float()
-                target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z, noise, t)
+                pred, target, _ = denoising_prediction(unet, sched, z, noise, t, emb[key][i : i + 16].to(device))
                 losses[key] += ((pred - target) ** 2).flatten(1).mean(1).cpu().tolist()
     own = float(np.mean(losses["own"]))
     gap = {k: float(np.mean(losses[k])) - own for k in ("subject", "artist")}
