@@ -234,6 +234,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     stamp = {"measured_on": time.strftime("%Y-%m-%d"), "device": args.device, "threads": torch.get_num_threads()}
     if "tiny-vae" in args.models:
         _evaluate_autoencoder(args, stamp)
+    if not set(args.models) & {*MODELS, "concepts"}:
+        cards.write_all()
+        return
     clip = load_clip("tiny-clip", device=args.device)  # the judge of the other models' figures
     if "concepts" in args.models:
         _evaluate_concepts(args, clip, stamp)
