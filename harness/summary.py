@@ -104,8 +104,8 @@ def _best_of_records(
     by_cell: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
     for key, members in groups.items():
         dataset, model, defense, control, purifier, mimic = key
-        if not mimic or mimic == "None":
-            continue
+        if not mimic or mimic.lower() == "none":
+            continue  # no mimic, no success to take the best of
         by_cell.setdefault((dataset, model, defense, control, mimic), {})[purifier] = members
     records = []
     for (dataset, model, defense, control, mimic), purifiers in sorted(by_cell.items()):
@@ -129,7 +129,8 @@ def _best_of_records(
             by_seed = best_of([values_of(rows, m) for rows in purifiers.values()], higher.get(m, True))
             rec["images"] = max([rec["images"]] + [len(v) for v in by_seed.values()])
             rec[f"{m} mean"], rec[f"{m} ci_low"], rec[f"{m} ci_high"] = bootstrap_ci(by_seed, binary=m in binary)
-        records.append(rec)
+        if rec["images"]:  # a cell whose rows carry no success metric has nothing to take the best of
+            records.append(rec)
     return records
 
 

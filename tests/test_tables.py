@@ -38,6 +38,23 @@ def test_best_of_takes_each_images_best_purifier():
     assert single["mimicry/style_match mean"] == pytest.approx(1 / 3)
 
 
+def test_no_best_of_line_without_a_success_metric():
+    # rows without a mimic (a defense's objective under several purifiers) measure no success: no best-of line
+    rows = [_row("mist", p, [0, 1, 0]) for p in ("none", "jpeg")]
+    for r in rows:
+        r["labels"]["mimic"] = "none"
+        r["per_image"] = {"budget/linf": [0.03] * 3}
+        r["higher_is_better"] = {"budget/linf": False}
+    table, _ = summarize(rows)
+    assert sorted(table["purifier"]) == ["jpeg", "none"]
+    for r in rows:  # the same cell with a mimic's success metric gets its best-of line
+        r["labels"]["mimic"] = "lora"
+        r["per_image"]["mimicry/style_match"] = [0, 1, 0]
+        r["higher_is_better"]["mimicry/style_match"] = True
+    table, _ = summarize(rows)
+    assert "best-of (2)" in set(table["purifier"])
+
+
 def test_bootstrap_ignores_undefined_values():
     mean, lo, hi = bootstrap_ci([[1.0, float("nan"), 3.0]])
     assert mean == pytest.approx(2.0) and 1.0 <= lo <= hi <= 3.0
