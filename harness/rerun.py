@@ -9,7 +9,7 @@ the tables:
     python -m harness.rerun results --where defense=mist --where purifier=noisy_upscale
     python -m harness.rerun results --where mimic=none,purifier=none --dry-run
     python -m harness.rerun results --check-keys     # after a refactor: are the cached results still found?
-    python -m harness.rerun results/world-v1 --into results   # rows of older models, re-run on today's into results/
+    python -m harness.rerun old-results --into results   # rows of older models, re-run on today's into results/
 
 ``--where`` takes ``label=value`` pairs joined by commas (all must hold; a value matches the whole label or its
 name before ``[``); several ``--where`` select the rows any of them selects. Without ``--where``: every row.
