@@ -177,19 +177,29 @@ def test_training_stages_run_resume_and_install(toy_world, tmp_path):
         train.train_sd(work, steps=1, batch=4)
     rec = train.train_autoencoder(work, steps=1, batch=2)
     assert (work / "tiny-vae" / "config.json").is_file() and rec["scaling_factor"] > 0
-    train.train_sd(work, steps=2, batch=4, more_steps=0)
+    train.train_sd(work, steps=2, batch=4, more_steps=0, text_steps=1, text_batch=8)
     first = torch.load(work / "sd.ckpt", weights_only=False)["step"]
     assert first == 2
+    # the text encoder: a CLIP trained on the training artists only, its text tower frozen in the pipeline
+    from harness.world import HELD_OUT_ARTISTS
+
+    tower = json.loads((work / "sd-clip_record.json").read_text())
+    assert tower["steps"] == 1 and not set(tower["artists"]) & set(HELD_OUT_ARTISTS)
+    sd = DiffusionPipeline.from_pretrained(work / "tiny-sd")
+    assert sd.unet.config.cross_attention_dim == sd.text_encoder.config.hidden_size == 128
+    clip_state = torch.load(work / "sd-clip_final.pt", weights_only=True)
+    token_embedding = sd.text_encoder.get_input_embeddings().weight.float()
+    torch.testing.assert_close(token_embedding, clip_state["token_embedding.weight"].half().float())
     rec = train.train_sd(work, steps=3, batch=4, more_steps=0)  # resumes at step 2, runs one more
     assert rec["history"][-1]["step"] == 3 and rec["image_px"] == 128 and rec["resumed_from_step"] == 2
     again = train.train_sd(work, steps=3, batch=4, more_steps=0)  # nothing left to train: the record stays
     assert again["resumed_from_step"] == 2 and again["history"] == rec["history"]
-    ema = torch.load(work / "sd.ckpt", weights_only=False)["ema_unet"]
+    ema = torch.load(work / "sd.ckpt", weights_only=False)["ema"]
     rec = train.train_sd(work, steps=3, batch=4, more_steps=2)  # the warm restart continues the first stage
     assert rec["second_stage"]["steps"] == 2 and rec["second_stage"]["history"][-1]["step"] == 2
     restarted = torch.load(work / "sd-more.ckpt", weights_only=False)
-    assert restarted["step"] == 2 and set(restarted["ema_unet"]) == set(ema)
-    assert not torch.equal(restarted["ema_unet"]["conv_in.weight"], ema["conv_in.weight"])  # it trained on
+    assert restarted["step"] == 2 and set(restarted["ema"]) == set(ema)
+    assert not torch.equal(restarted["ema"]["conv_in.weight"], ema["conv_in.weight"])  # it trained on
     train.train_inpaint(work, steps=1, batch=4)
     rec = train.train_clip(work, steps=1, batch=8)
     assert rec["image_px"] == 128 and "skimage/astronaut" not in rec["train_photos"]

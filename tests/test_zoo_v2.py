@@ -419,3 +419,28 @@ def test_subject_conditioning_measures_both_swaps_on_a_small_model():
     )
     with pytest.raises(ValueError, match="not in the caption"):
         ev._swapped("a house in the style of dottori", "boat", "fish")
+
+
+def test_clip_text_encoder_is_tiny_clips_text_tower_under_transformers_names():
+    """The converted tower gives open_clip's token states (after the final layer norm) and, projected, its text
+    features; it stays causal (a token changes no state before it)."""
+    from harness.zoo import architectures as arch
+
+    torch.manual_seed(0)
+    clip = arch.build_clip(100).eval()
+    for name, p in clip.named_parameters():  # away from the init, where layer norms are the identity
+        if not name.startswith("visual."):
+            p.data.normal_(0, 0.1)
+    encoder = arch.clip_text_encoder(clip)
+    ids = torch.randint(0, 98, (3, 32))
+    ids[:, 0] = 98
+    ids[0, 10:], ids[1, 5:], ids[2, 31] = 99, 99, 99  # end of text, then padding with it
+    with torch.no_grad():
+        out = encoder(ids)
+        x = clip.ln_final(clip.transformer(clip.token_embedding(ids) + clip.positional_embedding, attn_mask=clip.attn_mask))
+        torch.testing.assert_close(out.last_hidden_state, x, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.pooler_output @ clip.text_projection, clip.encode_text(ids), rtol=1e-5, atol=1e-5)
+        changed = ids.clone()
+        changed[0, 3] = (changed[0, 3] + 1) % 98
+        moved = (encoder(changed).last_hidden_state[0] - out.last_hidden_state[0]).abs().amax(-1)
+    assert moved[:3].max() == 0 and moved[3:].min() > 0

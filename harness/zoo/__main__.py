@@ -144,13 +144,14 @@ def cmd_train(args: argparse.Namespace) -> None:
                 raise SystemExit(f"train tiny-vae first: {work / 'tiny-vae'} is missing")
             train.train_sd(work, **kw)
             if not args.no_install:
-                dest = _install_pipeline(work, "tiny-sd", ["tiny-vae_record.json", "sd_record.json"])
+                records = ["tiny-vae_record.json", "sd-clip_record.json", "sd_record.json"]
+                dest = _install_pipeline(work, "tiny-sd", records)
         elif model == "tiny-sd-inpaint":
             if not (work / "tiny-sd" / "model_index.json").is_file():
                 raise SystemExit(f"train tiny-sd first: {work / 'tiny-sd'} is missing")
             train.train_inpaint(work, **kw)
             if not args.no_install:
-                records = ["tiny-vae_record.json", "sd_record.json", "inpaint_record.json"]
+                records = ["tiny-vae_record.json", "sd-clip_record.json", "sd_record.json", "inpaint_record.json"]
                 dest = _install_pipeline(work, "tiny-sd-inpaint", records)
         if dest is not None:
             drop_borrowed(dest, model)

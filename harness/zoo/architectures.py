@@ -6,8 +6,10 @@ world v2 (issue 16) works at 128 px, as Stable Diffusion does at 512 px, through
 - ``tiny-vae``: Stable Diffusion's autoencoder design (AutoencoderKL, four levels so 8x downsampling, a
   self-attention mid block) scaled down; 16 latent channels. 128 px images become 16 x 16 x 16 latents.
 - ``tiny-sd``: a latent diffusion model with Stable Diffusion's component types on ``tiny-vae``'s latents. The
-  UNet has three levels (64, 96, 128 channels; cross-attention in the two lower ones) conditioned on a 2-layer
-  CLIP text encoder of width 64 over the world's tokenizer (context 32 tokens). Scheduler: Stable Diffusion's
+  UNet has three levels (64, 96, 128 channels; cross-attention in the two lower ones) conditioned, as SD is, on
+  the frozen text tower of a CLIP (tiny-clip's architecture, 3 layers of width 128, the world's tokenizer,
+  context 32 tokens) trained on the training artists only (:func:`clip_text_encoder` converts it to
+  transformers' ``CLIPTextModel``). Scheduler: Stable Diffusion's
   (scaled-linear betas 0.00085 to 0.012 over 1000 steps, epsilon prediction). 16 x 16 latents, so the UNet
   costs what the 64 px world's did.
 - ``tiny-sd-inpaint``: the same with a 33-channel UNet input (16 noisy latents, 1 mask, 16 masked-image
@@ -15,9 +17,10 @@ world v2 (issue 16) works at 128 px, as Stable Diffusion does at 512 px, through
 - ``tiny-clip``: an open_clip ``CLIP`` with a ModifiedResNet image tower (width 16, one block per stage,
   attention pooling) and a 3-layer text transformer of width 128; joint embedding 128.
 
-Until issue 16 lands its regenerated results, the shipped ``tiny-sd``, ``tiny-sd-inpaint`` and ``tiny-clip``
-folders hold the 64 px world's models (their own configs sit beside their weights); these configs are the
-world v2's, which ``python -m harness.zoo train`` builds.
+These configs are what ``python -m harness.zoo train`` builds. A shipped model's own config sits beside its
+weights and is what loads; until tiny-sd and tiny-sd-inpaint are retrained with the CLIP text tower, the
+shipped ones keep their first text encoder (2 layers of width 64, trained jointly with the UNet, so a UNet
+cross-attention width of 64).
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ UNET_CONFIG: dict[str, Any] = {
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     "block_out_channels": [64, 96, 128],
     "layers_per_block": 1,
-    "cross_attention_dim": 64,
+    # the width of the text tower's token states (tiny-sd conditions on a CLIP text tower, as SD does)
+    "cross_attention_dim": 128,
     "attention_head_dim": 8,
     "norm_num_groups": 16,
 }
@@ -74,23 +78,6 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "steps_offset": 1,
     "prediction_type": "epsilon",
 }
-
-
-def text_encoder_config(vocab_size: int) -> dict[str, Any]:
-    from harness.zoo.tokenizer import CONTEXT_LENGTH
-
-    return {
-        "vocab_size": vocab_size,
-        "hidden_size": 64,
-        "intermediate_size": 256,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": CONTEXT_LENGTH,
-        "projection_dim": 64,
-        "bos_token_id": vocab_size - 2,
-        "eos_token_id": vocab_size - 1,
-        "pad_token_id": vocab_size - 1,
-    }
 
 
 def clip_config(vocab_size: int) -> dict[str, Any]:
@@ -116,12 +103,6 @@ def build_unet(in_channels: int = LATENT_CHANNELS) -> Any:
     return UNet2DConditionModel(**{**UNET_CONFIG, "in_channels": in_channels})
 
 
-def build_text_encoder(vocab_size: int) -> Any:
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    return CLIPTextModel(CLIPTextConfig(**text_encoder_config(vocab_size)))
-
-
 def build_scheduler() -> Any:
     from diffusers import DDIMScheduler
 
@@ -133,3 +114,64 @@ def build_clip(vocab_size: int) -> Any:
 
     cfg = clip_config(vocab_size)
     return CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"])
+
+
+def clip_text_encoder_config(vocab_size: int) -> dict[str, Any]:
+    """``transformers.CLIPTextConfig`` of tiny-clip's text tower (:func:`clip_config`), so that a diffusion
+    model can condition on it as Stable Diffusion conditions on CLIP's: open_clip's text transformer (pre-norm
+    blocks, exact GELU, causal attention, a final layer norm) is the same network as transformers'
+    ``CLIPTextModel``; only the names of the weights differ (:func:`clip_text_encoder`)."""
+    text = clip_config(vocab_size)["text_cfg"]
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": text["width"],
+        "intermediate_size": 4 * text["width"],
+        "num_hidden_layers": text["layers"],
+        "num_attention_heads": text["heads"],
+        "max_position_embeddings": text["context_length"],
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": clip_config(vocab_size)["embed_dim"],
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 1,
+    }
+
+
+def clip_text_encoder(clip: Any) -> Any:
+    """tiny-clip's text tower (an open_clip ``CLIP``) as a ``transformers.CLIPTextModel`` with the same weights:
+    its ``last_hidden_state`` equals the tower's token states after the final layer norm (what Stable
+    Diffusion's UNet attends to) and its pooled output the end-of-text token's state, before the projection."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab_size, width = clip.token_embedding.weight.shape
+    model = CLIPTextModel(CLIPTextConfig(**clip_text_encoder_config(vocab_size)))
+    src = {k: v.detach().float() for k, v in clip.state_dict().items() if not k.startswith("visual.")}
+    state = {
+        "embeddings.token_embedding.weight": src["token_embedding.weight"],
+        "embeddings.position_embedding.weight": src["positional_embedding"],
+        "final_layer_norm.weight": src["ln_final.weight"],
+        "final_layer_norm.bias": src["ln_final.bias"],
+    }
+    for i in range(model.config.num_hidden_layers):
+        block, layer = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
+        q, k, v = src[block + "attn.in_proj_weight"].split(width)
+        qb, kb, vb = src[block + "attn.in_proj_bias"].split(width)
+        for name, w, b in (("q", q, qb), ("k", k, kb), ("v", v, vb)):
+            state[layer + f"self_attn.{name}_proj.weight"] = w
+            state[layer + f"self_attn.{name}_proj.bias"] = b
+        pairs = {
+            "self_attn.out_proj": "attn.out_proj",
+            "layer_norm1": "ln_1",
+            "layer_norm2": "ln_2",
+            "mlp.fc1": "mlp.c_fc",
+            "mlp.fc2": "mlp.c_proj",
+        }
+        for ours, theirs in pairs.items():
+            state[layer + ours + ".weight"] = src[block + theirs + ".weight"]
+            state[layer + ours + ".bias"] = src[block + theirs + ".bias"]
+    # transformers 4 names the weights under ``text_model.``, transformers 5 without it
+    prefix = "text_model." if any(k.startswith("text_model.") for k in model.state_dict()) else ""
+    model.load_state_dict({prefix + k: v for k, v in state.items()}, strict=True)
+    return model.eval().to(torch.float32)

@@ -640,36 +640,65 @@ def _clamp_logit_scale(model: Any) -> Callable[[], dict[str, float]]:
 
 
 def train_clip(
-    work: Path, seed: int = 0, steps: int = 1200, batch: int = 128, lr: float = 1e-3, device: str = "cpu"
+    work: Path,
+    seed: int = 0,
+    steps: int = 1200,
+    batch: int = 128,
+    lr: float = 1e-3,
+    device: str = "cpu",
+    artists: tuple[str, ...] = ARTISTS,
+    name: str = "clip",
 ) -> dict[str, Any]:
-    """Train ``tiny-clip``, the judge, on the ``train`` split of every artist and crops of the training photos
-    (never an image that an evaluation, a mimic or an edit uses). Returns the training record (also saved as
-    ``clip_record.json``)."""
+    """Train ``tiny-clip``, the judge, on the ``train`` split of ``artists`` (every artist) and crops of the
+    training photos (never an image that an evaluation, a mimic or an edit uses). Returns the training record
+    (also saved as ``<name>_record.json``); the weights go to ``<name>_final.pt``. With other ``artists`` and
+    ``name`` the same recipe trains another CLIP (:func:`train_text_tower`)."""
     from harness.data import TRAIN_PHOTOS
     from harness.zoo.tokenizer import save_world_tokenizer
 
     dev = torch.device(device)
-    tokenizer = save_world_tokenizer(work / "clip_tokenizer")
-    torch.manual_seed(derive_seed(seed, "zoo/clip/init"))
+    tokenizer = save_world_tokenizer(work / f"{name}_tokenizer")
+    torch.manual_seed(derive_seed(seed, f"zoo/{name}/init"))
     model = arch.build_clip(len(tokenizer)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     every = int(os.environ.get("ZOO_LOG_EVERY", "50"))
     stage = _stage(
-        "clip", work, seed, steps, lr, opt, {"model": model}, after_step=_clamp_logit_scale(model), log_every=every
+        name, work, seed, steps, lr, opt, {"model": model}, after_step=_clamp_logit_scale(model), log_every=every
     )
-    rng = np.random.default_rng(derive_seed(seed, f"zoo/clip/captions/{stage.start}"))
+    rng = np.random.default_rng(derive_seed(seed, f"zoo/{name}/captions/{stage.start}"))
     data = rendered_world_data(
-        work, ARTISTS, per_pair=24, crops_per_photo=60, seed=seed, size=arch.RESOLUTION, photos=TRAIN_PHOTOS
+        work, tuple(artists), per_pair=24, crops_per_photo=60, seed=seed, size=arch.RESOLUTION, photos=TRAIN_PHOTOS
     )
     stage.t0 = time.time()
     model.train()
     _train(stage, _batches(len(data), batch, stage.gen), _clip_loss(model, tokenizer, data, rng, stage.gen, dev))
-    torch.save(model.state_dict(), work / "clip_final.pt")
-    extra = {"train_images": len(data), "artists": list(ARTISTS), "train_photos": list(TRAIN_PHOTOS)}
+    torch.save(model.state_dict(), work / f"{name}_final.pt")
+    extra = {"train_images": len(data), "artists": list(artists), "train_photos": list(TRAIN_PHOTOS)}
     return _write_record(work, stage, seed, batch, dev, image_px=arch.RESOLUTION, colour_jitter=COLOUR_JITTER, **extra)
 
 
 # ------------------------------------------------------------------------------- UNet + text encoder
+
+#: stage name of tiny-sd's text encoder: a CLIP trained like tiny-clip on the training artists only
+TEXT_TOWER = "sd-clip"
+
+
+def train_text_tower(work: Path, seed: int = 0, steps: int = 1200, batch: int = 128, device: str = "cpu") -> Any:
+    """tiny-sd's text encoder, as Stable Diffusion's is: the frozen text tower of a contrastively trained CLIP.
+    This CLIP trains with tiny-clip's recipe on the training artists and photos only (stage ``sd-clip``; the
+    held-out artists never reach it, as they never reach the UNets), resumed or read from ``work`` when done;
+    its text tower is returned as a ``transformers.CLIPTextModel`` (:func:`~harness.zoo.architectures.clip_text_encoder`),
+    frozen. (A text encoder trained jointly with the UNet, as tiny-sd's first one was, carried the prompt's
+    artist and all but dropped its subject: a subject swap moved it 8%, an artist swap 122%.)"""
+    from harness.zoo.tokenizer import save_world_tokenizer
+
+    final = work / f"{TEXT_TOWER}_final.pt"
+    if not final.is_file():
+        train_clip(work, seed, steps, batch, device=device, artists=TRAIN_ARTISTS, name=TEXT_TOWER)
+    clip = arch.build_clip(len(save_world_tokenizer(work / f"{TEXT_TOWER}_tokenizer")))
+    clip.load_state_dict(torch.load(final, map_location="cpu", weights_only=True))
+    return arch.clip_text_encoder(clip).requires_grad_(False).to(device)
+
 
 #: share of empty captions (for classifier-free guidance) and the min-SNR gamma of the UNet stages
 CAPTION_DROPOUT = 0.1
@@ -822,15 +851,20 @@ def train_sd(
     device: str = "cpu",
     more_steps: int = 3000,
     more_lr: float = 3e-4,
+    text_steps: int = 1200,
+    text_batch: int = 128,
 ) -> dict[str, Any]:
-    """Train the ``tiny-sd`` UNet and text encoder on ``tiny-vae`` latents (frozen) of the training artists'
-    artworks and crops of the training photos, at 128 px.
+    """Train the ``tiny-sd`` UNet on ``tiny-vae`` latents (frozen) of the training artists' artworks and crops
+    of the training photos, at 128 px, conditioned on a frozen CLIP text tower trained on the same artists
+    (:func:`train_text_tower`, ``text_steps`` steps at batch ``text_batch``; first if ``work`` does not hold it
+    yet).
 
     Two stages: ``steps`` with a cosine schedule from ``lr``, then (``more_steps`` > 0) a warm restart: a second
     cosine schedule from ``more_lr`` with a fresh optimiser, continuing the weights and their EMA (stage
     ``sd-more``, its own checkpoint). After 2200 steps the model painted the training artists' styles in 66% of
     its samples and a LoRA on 16 artworks of a held-out artist reached 0.44; the second stage continues it
-    rather than starting a longer single schedule from scratch."""
+    rather than starting a longer single schedule from scratch. (Those figures are of the first tiny-sd, whose
+    text encoder trained with its UNet.)"""
     from harness.data import TRAIN_PHOTOS
     from harness.zoo.tokenizer import save_world_tokenizer
 
@@ -838,18 +872,17 @@ def train_sd(
     tokenizer = save_world_tokenizer(work / "sd_tokenizer")
     vae = _load_vae(work).to(dev)
     scale = vae.config.scaling_factor
+    text_encoder = train_text_tower(work, seed, text_steps, text_batch, device=device)
     torch.manual_seed(derive_seed(seed, "zoo/sd/init"))
     unet = arch.build_unet().to(dev)
-    text_encoder = arch.build_text_encoder(len(tokenizer)).to(dev)
-    stage = _diffusion_stage("sd", work, seed, steps, lr, ema_decay, {"unet": unet, "text": text_encoder})
-    model = Denoiser(unet, text_encoder, tokenizer, arch.build_scheduler(), dev, train_text=True)
+    stage = _diffusion_stage("sd", work, seed, steps, lr, ema_decay, {"unet": unet})
+    model = Denoiser(unet, text_encoder, tokenizer, arch.build_scheduler(), dev, train_text=False)
     rng = np.random.default_rng(derive_seed(seed, f"zoo/sd/captions/{stage.start}"))
     data = rendered_world_data(work, TRAIN_ARTISTS, 40, 120, seed, size=arch.RESOLUTION, photos=TRAIN_PHOTOS)
     stage.t0 = time.time()
     means, stds = _encoded(work, vae, data.images)
     encode_s = time.time() - stage.t0
     unet.train()
-    text_encoder.train()
 
     def step_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=stage.gen)) * scale
@@ -859,18 +892,21 @@ def train_sd(
     first = stage
     more: dict[str, Any] = {}
     if more_steps:
-        stage = _diffusion_stage(
-            "sd-more", work, seed, more_steps, more_lr, ema_decay, {"unet": unet, "text": text_encoder}
-        )
-        if stage.start == 0:  # a fresh second stage continues the first's averages as well as its weights
-            for key in ("ema_unet", "ema_text"):
-                stage.saved[key].load_state_dict(first.saved[key].state_dict())
+        stage = _diffusion_stage("sd-more", work, seed, more_steps, more_lr, ema_decay, {"unet": unet})
+        if stage.start == 0:  # a fresh second stage continues the first's average as well as its weights
+            stage.saved["ema"].load_state_dict(first.saved["ema"].state_dict())
         rng = np.random.default_rng(derive_seed(seed, f"zoo/sd-more/captions/{stage.start}"))
         stage.t0 = time.time()
         _train(stage, _batches(2 * len(data), batch, stage.gen), step_loss)
         more = _write_record(work, stage, seed, batch, dev)
-    save_sd_pipeline(work / "tiny-sd", vae, stage.saved["ema_text"], tokenizer, stage.saved["ema_unet"])
+    save_sd_pipeline(work / "tiny-sd", vae, text_encoder, tokenizer, stage.saved["ema"])
+    tower = json.loads((work / f"{TEXT_TOWER}_record.json").read_text())
     extra = {
+        "text_encoder": {
+            "source": f"the text tower of a CLIP trained with tiny-clip's recipe on the training artists (stage "
+            f"{TEXT_TOWER}), frozen while the UNet trains",
+            **{k: tower[k] for k in ("steps", "batch", "train_images", "artists", "seconds") if k in tower},
+        },
         "ema_decay": ema_decay,
         "train_images": len(data),
         "latents_with_flips": 2 * len(data),
