@@ -437,9 +437,13 @@ def test_clip_text_encoder_is_tiny_clips_text_tower_under_transformers_names():
     ids[0, 10:], ids[1, 5:], ids[2, 31] = 99, 99, 99  # end of text, then padding with it
     with torch.no_grad():
         out = encoder(ids)
-        x = clip.ln_final(clip.transformer(clip.token_embedding(ids) + clip.positional_embedding, attn_mask=clip.attn_mask))
+        x = clip.ln_final(
+            clip.transformer(clip.token_embedding(ids) + clip.positional_embedding, attn_mask=clip.attn_mask)
+        )
         torch.testing.assert_close(out.last_hidden_state, x, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(out.pooler_output @ clip.text_projection, clip.encode_text(ids), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            out.pooler_output @ clip.text_projection, clip.encode_text(ids), rtol=1e-5, atol=1e-5
+        )
         changed = ids.clone()
         changed[0, 3] = (changed[0, 3] + 1) % 98
         moved = (encoder(changed).last_hidden_state[0] - out.last_hidden_state[0]).abs().amax(-1)
