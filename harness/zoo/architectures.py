@@ -121,7 +121,8 @@ def clip_text_encoder_config(vocab_size: int) -> dict[str, Any]:
     model can condition on it as Stable Diffusion conditions on CLIP's: open_clip's text transformer (pre-norm
     blocks, exact GELU, causal attention, a final layer norm) is the same network as transformers'
     ``CLIPTextModel``; only the names of the weights differ (:func:`clip_text_encoder`)."""
-    text = clip_config(vocab_size)["text_cfg"]
+    cfg = clip_config(vocab_size)
+    text = cfg["text_cfg"]
     return {
         "vocab_size": vocab_size,
         "hidden_size": text["width"],
@@ -131,7 +132,7 @@ def clip_text_encoder_config(vocab_size: int) -> dict[str, Any]:
         "max_position_embeddings": text["context_length"],
         "hidden_act": "gelu",
         "layer_norm_eps": 1e-5,
-        "projection_dim": clip_config(vocab_size)["embed_dim"],
+        "projection_dim": cfg["embed_dim"],
         "bos_token_id": vocab_size - 2,
         "eos_token_id": vocab_size - 1,
         "pad_token_id": vocab_size - 1,
