@@ -385,10 +385,21 @@ def _setting_order(row: dict[str, Any]) -> tuple:
     return tuple((k, float(v) if isinstance(v, (int, float)) else str(v)) for k, v in _settings(row).items())
 
 
+def _curve_value(row: dict[str, Any], key: str) -> Any:
+    """A row's value of a curve key: ``labels.<name>`` (a label, e.g. the purifier), ``<section>.<option>`` (an
+    option of that config section, e.g. ``mimic.poison_count``) or a bare ``<option>`` of the defense."""
+    section, _, option = key.rpartition(".")
+    if section == "labels":
+        return row["labels"].get(option)
+    return ((row.get("config") or {}).get(section or "defense") or {}).get(option)
+
+
 def _curve(ex: _Experiment) -> list[str]:
-    """``report.curve: {x: <defense option>, series: <defense option>}``: the success of the protected rows (no
-    purifier) against one defense setting, one line per value of another, mean and interval over seeds and
-    images; with the controls' levels as horizontal lines."""
+    """``report.curve: {x: <key>, series: <key or keys>}``: the success against one setting, one line per value
+    of the series keys, mean and interval over seeds and images. Keys as :func:`_curve_value` reads them. Rows:
+    those with ``purifier`` none, or every purifier when the series names ``labels.purifier``. The controls are
+    horizontal lines at their level; with ``controls: per_x`` (when they change with x, as the poisoning
+    threat model's do with the poison count) each control is a line of its own."""
     spec = ex.spec.get("curve")
     if not spec:
         return []
@@ -402,45 +413,56 @@ def _curve(ex: _Experiment) -> list[str]:
     from harness.cache import atomic_write_bytes
     from harness.verdict import bootstrap_ci, values_of
 
-    x_key, s_key = str(spec["x"]), str(spec["series"])
+    x_key = str(spec["x"])
+    s_keys = [str(k) for k in (spec["series"] if isinstance(spec["series"], list) else [spec["series"]])]
+    per_x = spec.get("controls", "level") == "per_x"
+    all_purifiers = "labels.purifier" in s_keys
     binary = ex.success in binary_metrics(ex.rows)
     groups: dict[Any, dict[float, list[dict[str, Any]]]] = {}
     controls: dict[str, list[dict[str, Any]]] = {}
     for r in ex.rows:
-        if r["labels"]["purifier"] != "none":
+        if r["labels"]["purifier"] != "none" and not all_purifiers:
             continue
         control = r["labels"].get("control", "")
-        if control:
-            controls.setdefault(control, []).append(r)
+        x, series = _curve_value(r, x_key), tuple(_curve_value(r, k) for k in s_keys)
+        if control and not per_x:
+            if r["labels"]["purifier"] == "none":
+                controls.setdefault(control, []).append(r)
             continue
-        cfg = (r.get("config") or {}).get("defense") or {}
-        if x_key in cfg and s_key in cfg:
-            groups.setdefault(cfg[s_key], {}).setdefault(float(cfg[x_key]), []).append(r)
+        if x is None or any(v is None for v in series):
+            continue
+        name = ", ".join(f"{k.rpartition('.')[2]}={v}" for k, v in zip(s_keys, series, strict=True))
+        if control:
+            name = f"{ROLE_NAMES.get(control, control)}, {name}"
+        groups.setdefault(name if per_x else series[0] if len(series) == 1 else series, {}).setdefault(
+            float(x), []
+        ).append(r)
     if not groups:
         return []
-    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
-    table = [
-        f"| {s_key} | " + " | ".join(f"{x_key}={x:g}" for x in sorted({x for g in groups.values() for x in g})) + " |"
-    ]
+    fig, ax = plt.subplots(figsize=(5, 3.4) if not per_x else (6.5, 4.2), dpi=120)
+    x_name, s_name = x_key.rpartition(".")[2], ", ".join(k.rpartition(".")[2] for k in s_keys)
     xs_all = sorted({x for g in groups.values() for x in g})
+    table = [f"| {'line' if per_x else s_name} | " + " | ".join(f"{x_name}={x:g}" for x in xs_all) + " |"]
     table.append("|---|" + "---|" * len(xs_all))
-    for series in sorted(groups):
+    for series in sorted(groups, key=str):
         pts = {x: bootstrap_ci(values_of(rs, ex.success), binary=binary) for x, rs in groups[series].items()}
         xs = sorted(pts)
+        label = series if per_x else f"{s_name}={series}"
         ax.errorbar(
             xs,
             [pts[x][0] for x in xs],
             yerr=[[pts[x][0] - pts[x][1] for x in xs], [pts[x][2] - pts[x][0] for x in xs]],
             marker="o",
             capsize=3,
-            label=f"{s_key}={series}",
+            label=label,
+            linestyle="--" if per_x and "floor" in str(series) else ":" if per_x and "control" in str(series) else "-",
         )
         table.append(f"| {series} | " + " | ".join(fmt_interval(*pts[x]) if x in pts else "-" for x in xs_all) + " |")
     for control, style in (("clean", ":"), ("floor", "--")):
         if controls.get(control):
             level = bootstrap_ci(values_of(controls[control], ex.success), binary=binary)[0]
             ax.axhline(level, color="grey", linestyle=style, linewidth=1, label=f"{control} control")
-    ax.set_xlabel(x_key)
+    ax.set_xlabel(x_key if per_x else x_name)
     ax.set_ylabel(ex.success)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -449,7 +471,9 @@ def _curve(ex: _Experiment) -> list[str]:
     plt.close(fig)
     out = ex.results_dir / "curve.png"
     atomic_write_bytes(out, buf.getvalue())
-    title = f"{_short(ex.success)} {ex.arrow(ex.success)} against {x_key}, per {s_key} (protected, no purifier)"
+    which = "every row" if per_x else "protected"
+    which += "" if all_purifiers else ", no purifier"
+    title = f"{_short(ex.success)} {ex.arrow(ex.success)} against {x_name}, per {s_name} ({which})"
     return [f"## {title}", "", *table, "", f"![{title}]({out.name})", ""]
 
 

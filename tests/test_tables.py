@@ -214,3 +214,53 @@ def test_tables_cli_rebuilds_a_results_folder_that_holds_only_experiments(tmp_pa
     (tmp_path / "E").mkdir()
     assert main(["--results-dir", str(tmp_path / "E")]) == 2
     assert str(tmp_path / "E") in capsys.readouterr().err
+
+
+def test_experiment_curve_reads_mimic_options_and_draws_controls_per_x(tmp_path):
+    """``report.curve`` with ``x: mimic.poison_count`` and the purifier as a series: one line per role and
+    purifier, each point the mean over seeds and images of the rows at that count (by hand: 8 of 8, 4 of 8...);
+    rows with another purifier are kept because the series names it. Without ``controls: per_x`` the controls
+    are flat levels and only unpurified rows are plotted."""
+    from harness.experiment_report import write_experiment_report
+
+    spec = {
+        "title": "t",
+        "layout": "metrics",
+        "baseline": "noise",
+        "success": "mimicry/style_match",
+        "curve": {"x": "mimic.poison_count", "series": "labels.purifier", "controls": "per_x"},
+    }
+    ids = tuple(f"i{k}" for k in range(8))
+    rows = []
+    for count, protected in ((10, 6), (50, 2)):
+        for control, purifier, hits in (
+            ("", "none", protected),
+            ("", "jpeg", 8),
+            ("clean", "none", 8),
+            ("floor", "none", 0),
+            ("noise", "none", 8),
+        ):
+            for seed in (0, 1):
+                r = _row("ns", purifier, [1] * hits + [0] * (8 - hits), seed=seed, ids=ids, control=control)
+                r["labels"]["mimic"] = f"poison[poison_count={count}]"
+                r["config"] = {
+                    "report": spec,
+                    "runtime": {"results_dir": "results/experiments/demo"},
+                    "mimic": {"poison_count": count},
+                    "defense": {"eps": 0.04},
+                }
+                r["created"], r["stage_keys"] = "2026-01-01T00:00:00+00:00", {}
+                rows.append(r)
+    report = write_experiment_report(tmp_path, rows, cache_dir=None).read_text()
+    assert "## style_match ↑ against poison_count, per purifier (every row)" in report
+    lines = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
+    assert lines["purifier=none"].split("|")[2].strip().startswith("0.750")  # 6 of 8 at count 10
+    assert lines["purifier=none"].split("|")[3].strip().startswith("0.250")  # 2 of 8 at count 50
+    assert lines["purifier=jpeg"].split("|")[3].strip().startswith("1.000")
+    assert lines["floor, purifier=none"].split("|")[2].strip().startswith("0.000")
+    assert "positive control (clean), purifier=none" in lines
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    spec["curve"] = {"x": "mimic.poison_count", "series": "eps"}  # flat controls, unpurified protected rows only
+    report = write_experiment_report(tmp_path, rows, cache_dir=None).read_text()
+    table = report.split("against poison_count, per eps (protected, no purifier)", 1)[1]
+    assert "| 0.04 | 0.750" in table and "jpeg" not in table.split("![", 1)[0]
