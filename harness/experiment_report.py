@@ -417,6 +417,7 @@ def _curve(ex: _Experiment) -> list[str]:
     s_keys = [str(k) for k in (spec["series"] if isinstance(spec["series"], list) else [spec["series"]])]
     per_x = spec.get("controls", "level") == "per_x"
     all_purifiers = "labels.purifier" in s_keys
+    plain = not per_x and len(s_keys) == 1  # lines and table rows named by the one series key's value
     binary = ex.success in binary_metrics(ex.rows)
     groups: dict[Any, dict[float, list[dict[str, Any]]]] = {}
     controls: dict[str, list[dict[str, Any]]] = {}
@@ -434,9 +435,7 @@ def _curve(ex: _Experiment) -> list[str]:
         name = ", ".join(f"{k.rpartition('.')[2]}={v}" for k, v in zip(s_keys, series, strict=True))
         if control:
             name = f"{ROLE_NAMES.get(control, control)}, {name}"
-        groups.setdefault(name if per_x else series[0] if len(series) == 1 else series, {}).setdefault(
-            float(x), []
-        ).append(r)
+        groups.setdefault(series[0] if plain else name, {}).setdefault(float(x), []).append(r)
     if not groups:
         return []
     fig, ax = plt.subplots(figsize=(5, 3.4) if not per_x else (6.5, 4.2), dpi=120)
@@ -444,10 +443,10 @@ def _curve(ex: _Experiment) -> list[str]:
     xs_all = sorted({x for g in groups.values() for x in g})
     table = [f"| {'line' if per_x else s_name} | " + " | ".join(f"{x_name}={x:g}" for x in xs_all) + " |"]
     table.append("|---|" + "---|" * len(xs_all))
-    for series in sorted(groups, key=str):
+    for series in sorted(groups, key=lambda g: _natural(str(g))):
         pts = {x: bootstrap_ci(values_of(rs, ex.success), binary=binary) for x, rs in groups[series].items()}
         xs = sorted(pts)
-        label = series if per_x else f"{s_name}={series}"
+        label = f"{s_name}={series}" if plain else series
         ax.errorbar(
             xs,
             [pts[x][0] for x in xs],
