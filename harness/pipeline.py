@@ -106,6 +106,10 @@ class RunResult:
     per_set: dict[str, float] = field(default_factory=dict)
     #: what the mimic reported besides its outputs (:meth:`harness.protocols.Mimic.run_with_info`)
     mimic_info: dict[str, Any] = field(default_factory=dict)
+    #: the ids of the outputs that the per-image values of ``output_metrics`` belong to (a threat model with
+    #: ``own_output_ids``: probe generations); every other per-image value belongs to ``image_ids``
+    output_ids: list[str] = field(default_factory=list)
+    output_metrics: list[str] = field(default_factory=list)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -251,6 +255,10 @@ class RunState:
     per_image: dict[str, list[float]] = field(default_factory=dict)
     per_set: dict[str, float] = field(default_factory=dict)
     higher: dict[str, bool] = field(default_factory=dict)
+    #: ids of the outputs the measures' per-image values belong to, and those measures (a threat model with
+    #: ``own_output_ids``); empty otherwise: every per-image value belongs to an input image
+    output_ids: list[str] = field(default_factory=list)
+    output_metrics: list[str] = field(default_factory=list)
 
     @property
     def threat_model(self) -> ThreatModel:
@@ -492,6 +500,9 @@ class MeasureStage(Stage):
         s.per_image.update(measured["per_image"])
         s.per_set.update(measured.get("per_set", {}))
         s.higher.update(measured["higher_is_better"])
+        if s.threat_model.own_output_ids:
+            s.output_ids = [str(i) for i in measured.get("ids", s.images["outputs"].ids)]
+            s.output_metrics = list(measured["per_image"])
 
     @staticmethod
     def measure(s: RunState) -> dict[str, Any]:
@@ -508,6 +519,8 @@ class MeasureStage(Stage):
             else:
                 measured["per_image"][key] = metric(outputs, references).tolist()
             measured["higher_is_better"][key] = metric.higher_is_better
+        if s.threat_model.own_output_ids:
+            measured["ids"] = [str(i) for i in outputs.ids]
         return measured
 
 
@@ -557,4 +570,6 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
         purifier_params=s.records["purify"].extra.get("params", {}),
         per_set=s.per_set,
         mimic_info=s.records["mimic"].extra.get("info", {}) if "mimic" in s.records else {},
+        output_ids=s.output_ids,
+        output_metrics=s.output_metrics,
     )

@@ -263,6 +263,20 @@ def test_a_filtered_poison_training_run_writes_the_filter_figures_into_its_row(t
     assert 0 <= info["filter_precision"] <= 1 and 0 <= info["filter_recall"] <= 1
     assert seen["sizes"][0] == info["filter_pairs"] - info["filter_dropped"]
     assert seen["sizes"][1] == info["filter_pairs"]
+    # the poisoning values are per probe generation (source, related, unrelated), not per scraped image: the row keys them by the probes' ids, and the verdict pairs them by those ids
+    from harness.threat_models.poisoning import parse_generation_id
+    from harness.verdict import values_of
+
+    row = rows[1]
+    assert len(row["image_ids"]) == len(row["per_image"]["budget/linf"]) == 10  # the scrape: 10 artists x 1
+    probes = row["output_ids"]
+    assert probes and all(parse_generation_id(i) for i in probes) and set(row["output_metrics"]) >= {
+        "poisoning/concept_accuracy",
+        "poisoning/target_rate",
+    }
+    assert all(len(row["per_image"][m]) == len(probes) for m in row["output_metrics"])
+    assert set(values_of([row], "poisoning/concept_accuracy")[1]) == set(probes)
+    assert set(values_of([row], "budget/linf")[1]) == set(row["image_ids"])
 
 
 @torch.no_grad()
