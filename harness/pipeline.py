@@ -19,6 +19,7 @@ with the clean images (set measures with the dataset's held-out part).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -113,12 +114,20 @@ class RunResult:
 
     @property
     def metrics(self) -> dict[str, float]:
-        out = {k: (sum(v) / len(v) if v else float("nan")) for k, v in self.per_image.items()}
+        """Each per-image metric's mean over the images it is defined on (NaN marks an image outside it: a probe
+        of another group, a latent-distance ratio of an unperturbed image; NaN when it is defined on none),
+        and the set metrics."""
+        out = {k: _defined_mean(v) for k, v in self.per_image.items()}
         return {**out, **self.per_set}
 
     @property
     def stage_keys(self) -> dict[str, str]:
         return {k: r.key for k, r in self.stages.items()}
+
+
+def _defined_mean(values: list[float]) -> float:
+    defined = [float(v) for v in values if v is not None and math.isfinite(v)]
+    return sum(defined) / len(defined) if defined else float("nan")
 
 
 def _stage_images(

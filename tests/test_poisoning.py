@@ -277,6 +277,9 @@ def test_a_filtered_poison_training_run_writes_the_filter_figures_into_its_row(t
     assert all(len(row["per_image"][m]) == len(probes) for m in row["output_metrics"])
     assert set(values_of([row], "poisoning/concept_accuracy")[1]) == set(probes)
     assert set(values_of([row], "budget/linf")[1]) == set(row["image_ids"])
+    # the row's mean is over the source probes only (the other groups' values are NaN, outside the metric)
+    source = [v for i, v in zip(probes, row["per_image"]["poisoning/concept_accuracy"]) if "/source/" in i]
+    assert source and row["metrics"]["poisoning/concept_accuracy"] == pytest.approx(sum(source) / len(source))
 
 
 @torch.no_grad()
