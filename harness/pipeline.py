@@ -19,6 +19,7 @@ with the clean images (set measures with the dataset's held-out part).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -106,15 +107,27 @@ class RunResult:
     per_set: dict[str, float] = field(default_factory=dict)
     #: what the mimic reported besides its outputs (:meth:`harness.protocols.Mimic.run_with_info`)
     mimic_info: dict[str, Any] = field(default_factory=dict)
+    #: the ids of the outputs that the per-image values of ``output_metrics`` belong to (a threat model with
+    #: ``own_output_ids``: probe generations); every other per-image value belongs to ``image_ids``
+    output_ids: list[str] = field(default_factory=list)
+    output_metrics: list[str] = field(default_factory=list)
 
     @property
     def metrics(self) -> dict[str, float]:
-        out = {k: (sum(v) / len(v) if v else float("nan")) for k, v in self.per_image.items()}
+        """Each per-image metric's mean over the images it is defined on (NaN marks an image outside it: a probe
+        of another group, a latent-distance ratio of an unperturbed image; NaN when it is defined on none),
+        and the set metrics."""
+        out = {k: _defined_mean(v) for k, v in self.per_image.items()}
         return {**out, **self.per_set}
 
     @property
     def stage_keys(self) -> dict[str, str]:
         return {k: r.key for k, r in self.stages.items()}
+
+
+def _defined_mean(values: list[float]) -> float:
+    defined = [float(v) for v in values if v is not None and math.isfinite(v)]
+    return sum(defined) / len(defined) if defined else float("nan")
 
 
 def _stage_images(
@@ -251,6 +264,10 @@ class RunState:
     per_image: dict[str, list[float]] = field(default_factory=dict)
     per_set: dict[str, float] = field(default_factory=dict)
     higher: dict[str, bool] = field(default_factory=dict)
+    #: ids of the outputs the measures' per-image values belong to, and those measures (a threat model with
+    #: ``own_output_ids``); empty otherwise: every per-image value belongs to an input image
+    output_ids: list[str] = field(default_factory=list)
+    output_metrics: list[str] = field(default_factory=list)
 
     @property
     def threat_model(self) -> ThreatModel:
@@ -492,6 +509,9 @@ class MeasureStage(Stage):
         s.per_image.update(measured["per_image"])
         s.per_set.update(measured.get("per_set", {}))
         s.higher.update(measured["higher_is_better"])
+        if s.threat_model.own_output_ids:
+            s.output_ids = [str(i) for i in measured.get("ids", s.images["outputs"].ids)]
+            s.output_metrics = list(measured["per_image"])
 
     @staticmethod
     def measure(s: RunState) -> dict[str, Any]:
@@ -508,6 +528,8 @@ class MeasureStage(Stage):
             else:
                 measured["per_image"][key] = metric(outputs, references).tolist()
             measured["higher_is_better"][key] = metric.higher_is_better
+        if s.threat_model.own_output_ids:
+            measured["ids"] = [str(i) for i in outputs.ids]
         return measured
 
 
@@ -557,4 +579,6 @@ def run_experiment(exp: Experiment, store: ArtifactStore, ctx: Context) -> RunRe
         purifier_params=s.records["purify"].extra.get("params", {}),
         per_set=s.per_set,
         mimic_info=s.records["mimic"].extra.get("info", {}) if "mimic" in s.records else {},
+        output_ids=s.output_ids,
+        output_metrics=s.output_metrics,
     )

@@ -266,6 +266,8 @@ def make_row(cfg: DictConfig, exp: Experiment, result: RunResult, labels: dict[s
         "per_image": result.per_image,
         "set_metrics": result.per_set,
         "image_ids": result.image_ids,
+        # only where the measures' values are per output (probe generations): the ids they belong to
+        **({"output_ids": result.output_ids, "output_metrics": result.output_metrics} if result.output_ids else {}),
         "budget": {
             # the defense's budget as (norm, radius); eps: the L-inf bound it implies (None for an L2 budget)
             **(budget.as_dict() if (budget := exp.defense.budget) is not None else {}),

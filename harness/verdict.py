@@ -138,12 +138,20 @@ def role_of(row: Mapping[str, Any], baseline: str = "noise") -> str:
 
 def values_of(rows: Sequence[Mapping[str, Any]], metric: str) -> Values:
     """``metric``'s per-image values of ``rows`` as seed -> image id -> value (set-level metrics: one value
-    under the id ``"<set>"``)."""
+    under the id ``"<set>"``). A row's ``output_metrics`` are keyed by its ``output_ids`` (probe generations),
+    every other metric by its ``image_ids``; a row whose ids and values differ in number is an error."""
     out: Values = {}
     for r in rows:
         seed = r.get("seed")
         if metric in r.get("per_image", {}):
-            for i, v in zip(r.get("image_ids", []), r["per_image"][metric], strict=False):
+            own = metric in r.get("output_metrics", ())
+            ids, values = (r["output_ids"] if own else r.get("image_ids", [])), r["per_image"][metric]
+            if len(ids) != len(values):
+                raise ValueError(
+                    f"row {r.get('run_id', '?')}: {metric} has {len(values)} per-image values for {len(ids)} "
+                    f"{'output' if own else 'image'} ids"
+                )
+            for i, v in zip(ids, values, strict=True):
                 out.setdefault(seed, {})[str(i)] = float(v) if v is not None else math.nan
         elif metric in r.get("set_metrics", {}):
             v = r["set_metrics"][metric]

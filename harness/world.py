@@ -52,6 +52,7 @@ __all__ = [
     "artwork_caption",
     "render_artwork",
     "style_prompt",
+    "subject_prompt",
 ]
 
 Array = np.ndarray
@@ -602,6 +603,13 @@ def artwork_caption(subject: str, artist: str, template: int = 0) -> str:
 def style_prompt(artist: str) -> str:
     """The subject-free prompt that names a style, used for zero-shot style classification."""
     return f"an artwork in the style of {artist}"
+
+
+def subject_prompt(subject: str) -> str:
+    """The style-free prompt that names a subject (its words are all in the world's vocabulary), used for
+    zero-shot subject classification, as :func:`style_prompt` is for style."""
+    _check_subject(subject)
+    return f"an artwork of a {subject}"
 
 
 def render_artwork(artist: str, subject: str, seed: int, size: int = 64) -> np.ndarray:

@@ -263,3 +263,68 @@ def test_a_filtered_poison_training_run_writes_the_filter_figures_into_its_row(t
     assert 0 <= info["filter_precision"] <= 1 and 0 <= info["filter_recall"] <= 1
     assert seen["sizes"][0] == info["filter_pairs"] - info["filter_dropped"]
     assert seen["sizes"][1] == info["filter_pairs"]
+    # the poisoning values are per probe generation (source, related, unrelated), not per scraped image: the row keys them by the probes' ids, and the verdict pairs them by those ids
+    from harness.threat_models.poisoning import parse_generation_id
+    from harness.verdict import values_of
+
+    row = rows[1]
+    assert len(row["image_ids"]) == len(row["per_image"]["budget/linf"]) == 10  # the scrape: 10 artists x 1
+    probes = row["output_ids"]
+    assert probes and all(parse_generation_id(i) for i in probes) and set(row["output_metrics"]) >= {
+        "poisoning/concept_accuracy",
+        "poisoning/target_rate",
+    }
+    assert all(len(row["per_image"][m]) == len(probes) for m in row["output_metrics"])
+    assert set(values_of([row], "poisoning/concept_accuracy")[1]) == set(probes)
+    assert set(values_of([row], "budget/linf")[1]) == set(row["image_ids"])
+    # the row's mean is over the source probes only (the other groups' values are NaN, outside the metric)
+    source = [v for i, v in zip(probes, row["per_image"]["poisoning/concept_accuracy"]) if "/source/" in i]
+    assert source and row["metrics"]["poisoning/concept_accuracy"] == pytest.approx(sum(source) / len(source))
+
+
+@torch.no_grad()
+def _boat_seen_as_boat(pipe, boats: ImageSet) -> float:
+    """How much worse the model denoises boat artworks under "a house in the style of <artist>" than under their
+    own caption "a boat in the style of <artist>" (epsilon MSE, the same noise and timesteps for both): above 0
+    when the model tells the word "house" from "boat" on these images."""
+    from harness.diffusion import denoising_prediction, encode_mean, text_embeddings
+
+    z = (encode_mean(pipe.vae, boats.images) * pipe.vae.config.scaling_factor).float()
+    losses = []
+    for captions in (list(boats.captions), [c.replace("a boat", "a house") for c in boats.captions]):
+        emb, g, total = text_embeddings(pipe, captions).float(), make_generator(7), 0.0
+        for _ in range(8):
+            noise = torch.randn(z.shape, generator=g)
+            t = torch.randint(50, 950, (len(z),), generator=g)
+            pred, target, _ = denoising_prediction(pipe.unet, pipe.scheduler, z, noise, t, emb)
+            total += float(((pred - target) ** 2).mean())
+        losses.append(total / 8)
+    return losses[1] - losses[0]
+
+
+def test_dirty_label_training_moves_the_source_concept_and_clean_training_does_not():
+    """On tiny-sd: the whole UNet trained on a small mix (the clean corpus, one image per training artist and
+    subject, plus 20 scraped "house" images). With the scraped images poisoned by dirty labels (boats captioned as
+    houses) the model's "house" moves toward boats: on fresh boat artworks (eval split, no model saw them) the
+    denoising loss under "a house ..." comes to within a fifth of the loss under their own caption (measured:
+    0.00086 -> 0.00011). With the same scraped images clean most of the gap stays (0.00060: continued training on
+    a corpus this small drifts every concept a little)."""
+    from defenses.dirty_label import DirtyLabel
+    from finetune.poison import PoisonTraining
+    from harness.world import ProceduralArt
+
+    ctx = Context(device="cpu", batch_size=8, model=SPEC)
+    pipe = ctx.pipeline("text2img")
+    scraped = ProceduralArt(artists="train", subjects=["house"], per_pair=2, size=128, split="posted").load()
+    boats = ProceduralArt(artists="train", subjects=["boat"], per_pair=1, size=128, split="eval").load()
+    assert all(c.startswith("a boat in the style of") for c in boats.captions)
+    before = _boat_seen_as_boat(pipe, boats)
+    poison = DirtyLabel(source="house", target="boat").protect(scraped, make_generator(0), ctx).images
+    mimic = PoisonTraining(corpus_per_pair=1, steps=80, batch_size=8, probe_artists=1)
+    after = {
+        name: _boat_seen_as_boat(mimic.train(images, make_generator(0), ctx)[0], boats)
+        for name, images in (("clean", scraped), ("dirty_label", poison))
+    }
+    assert before > 0, before
+    assert after["dirty_label"] < 0.3 * before, (before, after)
+    assert after["clean"] > 0.5 * before and after["clean"] > 3 * after["dirty_label"], (before, after)

@@ -177,6 +177,18 @@ def test_values_of_and_best_of():
     other = {0: {"a": 0.3, "b": 0.1}, 1: {"a": 0.4, "b": 0.6}}
     assert best_of([v, other], higher=True) == {0: {"a": 0.3, "b": 0.9}, 1: {"a": 0.5, "b": 0.6}}
     assert best_of([v, other], higher=False) == {0: {"a": 0.1, "b": 0.1}, 1: {"a": 0.4, "b": 0.2}}
+    # values measured per output (probe generations) are keyed by the row's output ids, the rest by image ids
+    probe_row = {
+        "seed": 0,
+        "image_ids": ["a", "b"],
+        "output_ids": ["g1", "g2", "g3"],
+        "output_metrics": ["p"],
+        "per_image": {"m": [0.1, 0.9], "p": [1.0, 0.0, 1.0]},
+    }
+    assert values_of([probe_row], "p") == {0: {"g1": 1.0, "g2": 0.0, "g3": 1.0}}
+    assert values_of([probe_row], "m") == {0: {"a": 0.1, "b": 0.9}}
+    with pytest.raises(ValueError, match="3 per-image values for 2 image ids"):
+        values_of([{**probe_row, "output_metrics": []}], "p")
 
 
 def test_privacy_measures_protection_from_the_positive_control_without_a_noise_run():

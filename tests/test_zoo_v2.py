@@ -448,3 +448,41 @@ def test_clip_text_encoder_is_tiny_clips_text_tower_under_transformers_names():
         changed[0, 3] = (changed[0, 3] + 1) % 98
         moved = (encoder(changed).last_hidden_state[0] - out.last_hidden_state[0]).abs().amax(-1)
     assert moved[:3].max() == 0 and moved[3:].min() > 0
+
+
+def test_judge_captions_name_the_subject_alone_and_match_it_across_artists():
+    """tiny-clip's recipe: a share of captions names only the subject ("an artwork of a boat"), and such a caption
+    is a positive for every artwork of that subject whatever its artist; a full caption only for its own artist
+    and subject, a style prompt for every subject of its artist, a photo's caption for that photo only."""
+    from harness.world import artwork_caption, style_prompt, subject_prompt
+    from harness.zoo.train import WorldData, caption_matches, random_caption
+
+    data = WorldData(
+        images=torch.zeros(5, 3, 8, 8, dtype=torch.uint8),
+        kind=["art", "art", "art", "art", "photo"],
+        who=["dottori", "pixelmo", "dottori", "pixelmo", "astronaut"],
+        what=["boat", "boat", "house", "house", "an astronaut"],
+    )
+    rng = np.random.default_rng(0)
+    assert {random_caption(data, 0, rng, styleless=1.0) for _ in range(5)} == {"an artwork of a boat"}
+    assert random_caption(data, 4, rng, styleless=1.0) == "an astronaut"
+    assert subject_prompt("boat") == "an artwork of a boat"
+    texts = [subject_prompt("boat"), artwork_caption("boat", "pixelmo"), style_prompt("dottori"), "x", "an astronaut"]
+    texts[3] = artwork_caption("house", "pixelmo", 2)
+    expected = torch.tensor(
+        [
+            # captions: boat (any artist), boat by pixelmo, dottori (any subject), house by pixelmo, the photo's
+            [1, 0, 1, 0, 0],  # dottori's boat
+            [1, 1, 0, 0, 0],  # pixelmo's boat
+            [0, 0, 1, 0, 0],  # dottori's house
+            [0, 0, 0, 1, 0],  # pixelmo's house
+            [0, 0, 0, 0, 1],  # the photo
+        ],
+        dtype=torch.float32,
+    )
+    assert torch.equal(caption_matches(data, list(range(5)), texts), expected)
+    # without style-free captions the draw is what the shipped sd-clip was trained with: the same random stream
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    assert [random_caption(data, 1, a, 0.3) for _ in range(50)] == [
+        random_caption(data, 1, b, 0.3, styleless=0.0) for _ in range(50)
+    ]

@@ -237,11 +237,15 @@ def style_classifier(clip: ClipModel, artists: Sequence[str] | None = None) -> Z
 
 def subject_classifier(clip: ClipModel, subjects: Sequence[str] | None = None) -> ZeroShotClassifier:
     """A zero-shot classifier over the embedded world's subjects (the concepts of the poisoning threat model),
-    with every caption template for every artist as the prompt ensemble (so no style is favoured)."""
-    from harness.world import ARTISTS, CAPTION_TEMPLATES, SUBJECTS
+    with the world's caption templates as the prompt ensemble (every template for every artist, so no style is
+    favoured, plus the style-free subject prompt), as :func:`style_classifier` is built for artists."""
+    from harness.world import ARTISTS, CAPTION_TEMPLATES, SUBJECTS, subject_prompt
 
     subjects = list(subjects or SUBJECTS)
-    prompts = {s: [t.format(a="a", subject=s, artist=a) for t in CAPTION_TEMPLATES for a in ARTISTS] for s in subjects}
+    prompts = {
+        s: [subject_prompt(s)] + [t.format(a="a", subject=s, artist=a) for t in CAPTION_TEMPLATES for a in ARTISTS]
+        for s in subjects
+    }
     return ZeroShotClassifier(clip, prompts)
 
 

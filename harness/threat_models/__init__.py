@@ -53,6 +53,9 @@ class ThreatModel:
             defense option whose output the mimic runs on as the floor instead (poisoning: dirty-label poison of
             the same count); ``floor_defense_args`` are the audited defense's options it takes over (the
             target concept).
+        own_output_ids: the measures' per-image values are per output (probe generations with ids of their own,
+            not one per input image): rows record those ids as ``output_ids`` beside the ``image_ids`` of the
+            inputs (:func:`harness.verdict.values_of` pairs each value by the id it belongs to).
     """
 
     name: str
@@ -67,6 +70,7 @@ class ThreatModel:
     prepare: Callable[..., Any] | None = None
     floor_defense: str | None = None
     floor_defense_args: tuple[str, ...] = ()
+    own_output_ids: bool = False
 
     def __post_init__(self) -> None:
         if self.reference not in REFERENCES:

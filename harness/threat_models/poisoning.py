@@ -92,4 +92,5 @@ THREAT_MODEL = ThreatModel(
     prepare=_prepare,
     floor_defense="dirty_label",
     floor_defense_args=("source", "target"),
+    own_output_ids=True,
 )

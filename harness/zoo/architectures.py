@@ -18,9 +18,9 @@ world v2 (issue 16) works at 128 px, as Stable Diffusion does at 512 px, through
   attention pooling) and a 3-layer text transformer of width 128; joint embedding 128.
 
 These configs are what ``python -m harness.zoo train`` builds. A shipped model's own config sits beside its
-weights and is what loads; until tiny-sd and tiny-sd-inpaint are retrained with the CLIP text tower, the
-shipped ones keep their first text encoder (2 layers of width 64, trained jointly with the UNet, so a UNet
-cross-attention width of 64).
+weights and is what loads. (The first tiny-sd had its own text encoder, 2 layers of width 64, trained jointly
+with the UNet; it carried the prompt's artist and all but dropped its subject, so it was retrained on the CLIP
+text tower.)
 """
 
 from __future__ import annotations

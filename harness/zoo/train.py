@@ -8,12 +8,15 @@ Stages (each resumes from its last checkpoint in the work folder when re-run aft
    latents, as for Stable Diffusion.
 2. ``clip``: ``tiny-clip``, the judge, contrastively (InfoNCE, Radford et al. 2021) on the ``train`` split of
    *all* artists and crops of the training photos, with soft targets where several captions in a batch describe
-   the same content; augmented with crops, flips, colour jitter and greyscale (so that it judges style by
-   texture as well as palette) and never with noise or blur (which would teach it to overlook protection
-   artifacts).
-3. ``sd``: the ``tiny-sd`` UNet and text encoder, jointly from scratch, on ``tiny-vae`` latents of the training
-   artists' artworks and training-photo crops (flipped copies included); epsilon loss with min-SNR-5 weighting
-   (Hang et al. 2023), 10% empty captions for classifier-free guidance, EMA of the weights.
+   the same content (captions name the artist and the subject, or only the artist, or only the subject, so that
+   it tells styles apart and subjects apart across styles); augmented with crops, flips, colour jitter and
+   greyscale (so that it judges style by texture as well as palette) and never with noise or blur (which would
+   teach it to overlook protection artifacts).
+3. ``sd-clip`` then ``sd``: ``tiny-sd``'s text encoder, as Stable Diffusion's, is the frozen text tower of a
+   CLIP, trained with the same recipe (without subject-only captions) on the training artists only
+   (:func:`train_text_tower`); then the UNet from scratch on ``tiny-vae`` latents of the training artists'
+   artworks and training-photo crops (flipped copies included); epsilon loss with min-SNR-5 weighting (Hang et
+   al. 2023), 10% empty captions for classifier-free guidance, EMA of the weights.
 4. ``inpaint``: ``tiny-sd-inpaint``, initialised from the ``tiny-sd`` UNet (the extra 17 input channels start
    at zero), trained with random rectangles, ellipses, brush strokes and full masks as in SD's inpainting model.
 
@@ -49,6 +52,7 @@ from harness.world import (
     WorldPhotos,
     artwork_caption,
     style_prompt,
+    subject_prompt,
 )
 from harness.zoo import architectures as arch
 
@@ -137,13 +141,19 @@ def _kept(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return saved
 
 
-def random_caption(data: WorldData, i: int, rng: np.random.Generator, subjectless: float = 0.0) -> str:
+def random_caption(
+    data: WorldData, i: int, rng: np.random.Generator, subjectless: float = 0.0, styleless: float = 0.0
+) -> str:
     """A caption for image ``i``: a random template for artworks (or, with probability ``subjectless``, the
-    subject-free style prompt), the photo's caption for photos."""
+    subject-free style prompt; with probability ``styleless``, the style-free subject prompt), the photo's
+    caption for photos."""
     if data.kind[i] == "photo":
         return data.what[i]
-    if rng.uniform() < subjectless:
+    u = rng.uniform()
+    if u < subjectless:
         return style_prompt(data.who[i])
+    if u < subjectless + styleless:
+        return subject_prompt(data.what[i])
     return artwork_caption(data.what[i], data.who[i], int(rng.integers(len(CAPTION_TEMPLATES))))
 
 
@@ -543,6 +553,13 @@ def train_autoencoder(
 #: contrast and saturation factors in [0.6, 1.4], hue shifted by up to 0.1 of the circle, in random order, with
 #: probability 0.8), then greyscale with probability 0.2
 COLOUR_JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1, "p": 0.8, "greyscale_p": 0.2}
+#: CLIP training: share of artwork captions that name only the style (:func:`~harness.world.style_prompt`)
+SUBJECTLESS_CAPTIONS = 0.3
+#: tiny-clip's share of artwork captions that name only the subject (:func:`~harness.world.subject_prompt`).
+#: Every other caption names both, so without these a subject is only ever told apart within one artist's
+#: work, and the judge saw a subject in 36% of eval artworks (chance 10%); the poisoning threat model's judge
+#: must tell subjects apart across styles.
+STYLELESS_CAPTIONS = 0.3
 
 
 def _colour_jitter(img: torch.Tensor, gen: torch.Generator, cfg: dict[str, float] = COLOUR_JITTER) -> torch.Tensor:
@@ -594,26 +611,44 @@ def clip_normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def caption_matches(data: WorldData, idx: list[int], texts: list[str]) -> torch.Tensor:
+    """The contrastive targets of a batch: ``[i, j]`` is 1 where caption ``texts[j]`` (written for image
+    ``idx[j]``) describes image ``idx[i]``: the same artist unless the caption names none (the style-free subject
+    prompt), the same subject unless it names none (the subject-free style prompt); a photo's caption matches
+    the photos it was written for."""
+    keys: list[tuple[str | None, str | None]] = []
+    for j, text in zip(idx, texts, strict=True):
+        if text == style_prompt(data.who[j]):
+            keys.append((data.who[j], None))
+        elif data.kind[j] != "photo" and text == subject_prompt(data.what[j]):
+            keys.append((None, data.what[j]))
+        else:
+            keys.append((data.who[j], data.what[j]))
+    return torch.tensor(
+        [[who in (None, data.who[i]) and what in (None, data.what[i]) for who, what in keys] for i in idx],
+        dtype=torch.float32,
+    )
+
+
 def _clip_loss(
-    model: Any, tokenizer: Any, data: WorldData, rng: np.random.Generator, gen: torch.Generator, dev: torch.device
+    model: Any,
+    tokenizer: Any,
+    data: WorldData,
+    rng: np.random.Generator,
+    gen: torch.Generator,
+    dev: torch.device,
+    styleless: float = 0.0,
 ) -> StepLoss:
     """InfoNCE over augmented images and random captions, with soft targets: image i matches text j when text
-    j describes image i (same artist and, if the caption names one, the same subject)."""
+    j describes image i (the same artist if the caption names one, the same subject if the caption names one).
+    ``styleless`` is the share of style-free subject captions (:func:`random_caption`)."""
 
     def step_loss(batch_idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         idx = batch_idx.tolist()
         x = clip_normalize(_clip_augment(to_float(data.images[idx]), gen)).to(dev)
-        texts, keys = [], []
-        for i in idx:
-            text = random_caption(data, i, rng, subjectless=0.3)
-            texts.append(text)
-            keys.append((data.who[i], None if text == style_prompt(data.who[i]) else data.what[i]))
+        texts = [random_caption(data, i, rng, subjectless=SUBJECTLESS_CAPTIONS, styleless=styleless) for i in idx]
         tokens = tokenize(tokenizer, texts).to(dev)
-        match = torch.tensor(
-            [[kj[0] == data.who[i] and kj[1] in (None, data.what[i]) for kj in keys] for i in idx],
-            dtype=torch.float32,
-            device=dev,
-        )
+        match = caption_matches(data, idx, texts).to(dev)
         with _autocast(dev):
             img = F.normalize(model.encode_image(x).float(), dim=-1)
             txt = F.normalize(model.encode_text(tokens).float(), dim=-1)
@@ -648,11 +683,13 @@ def train_clip(
     device: str = "cpu",
     artists: tuple[str, ...] = ARTISTS,
     name: str = "clip",
+    styleless: float = STYLELESS_CAPTIONS,
 ) -> dict[str, Any]:
     """Train ``tiny-clip``, the judge, on the ``train`` split of ``artists`` (every artist) and crops of the
     training photos (never an image that an evaluation, a mimic or an edit uses). Returns the training record
     (also saved as ``<name>_record.json``); the weights go to ``<name>_final.pt``. With other ``artists`` and
-    ``name`` the same recipe trains another CLIP (:func:`train_text_tower`)."""
+    ``name`` the same recipe trains another CLIP (:func:`train_text_tower`); ``styleless`` is the share of
+    style-free subject captions (:data:`STYLELESS_CAPTIONS`)."""
     from harness.data import TRAIN_PHOTOS
     from harness.zoo.tokenizer import save_world_tokenizer
 
@@ -671,9 +708,16 @@ def train_clip(
     )
     stage.t0 = time.time()
     model.train()
-    _train(stage, _batches(len(data), batch, stage.gen), _clip_loss(model, tokenizer, data, rng, stage.gen, dev))
+    _train(
+        stage, _batches(len(data), batch, stage.gen), _clip_loss(model, tokenizer, data, rng, stage.gen, dev, styleless)
+    )
     torch.save(model.state_dict(), work / f"{name}_final.pt")
-    extra = {"train_images": len(data), "artists": list(artists), "train_photos": list(TRAIN_PHOTOS)}
+    extra = {
+        "train_images": len(data),
+        "artists": list(artists),
+        "train_photos": list(TRAIN_PHOTOS),
+        "captions": {"style_only": SUBJECTLESS_CAPTIONS, "subject_only": styleless},
+    }
     return _write_record(work, stage, seed, batch, dev, image_px=arch.RESOLUTION, colour_jitter=COLOUR_JITTER, **extra)
 
 
@@ -689,12 +733,14 @@ def train_text_tower(work: Path, seed: int = 0, steps: int = 1200, batch: int = 
     held-out artists never reach it, as they never reach the UNets), resumed or read from ``work`` when done;
     its text tower is returned as a ``transformers.CLIPTextModel`` (:func:`~harness.zoo.architectures.clip_text_encoder`),
     frozen. (A text encoder trained jointly with the UNet, as tiny-sd's first one was, carried the prompt's
-    artist and all but dropped its subject: a subject swap moved it 8%, an artist swap 122%.)"""
+    artist and all but dropped its subject: a subject swap moved it 8%, an artist swap 122%.) It has no
+    style-free subject captions (``styleless=0``): the shipped tiny-sd was trained on this tower before they
+    joined tiny-clip's recipe, and its subject swap already moves the tower as far as an artist swap."""
     from harness.zoo.tokenizer import save_world_tokenizer
 
     final = work / f"{TEXT_TOWER}_final.pt"
     if not final.is_file():
-        train_clip(work, seed, steps, batch, device=device, artists=TRAIN_ARTISTS, name=TEXT_TOWER)
+        train_clip(work, seed, steps, batch, device=device, artists=TRAIN_ARTISTS, name=TEXT_TOWER, styleless=0.0)
     clip = arch.build_clip(len(save_world_tokenizer(work / f"{TEXT_TOWER}_tokenizer")))
     clip.load_state_dict(torch.load(final, map_location="cpu", weights_only=True))
     return arch.clip_text_encoder(clip).requires_grad_(False).to(device)
