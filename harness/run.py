@@ -28,7 +28,7 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from harness.cache import ArtifactStore, atomic_write_text, canonical_json
 from harness.errors import ConfigError, DataError, HarnessError
@@ -175,6 +175,39 @@ def control_of(cfg: DictConfig) -> str | None:
     if value not in CONTROLS:
         raise HarnessError(f"control must be null or one of {list(CONTROLS)}, got {value!r}")
     return str(value)
+
+
+def skipped_cell(cfg: DictConfig, choices: Mapping[str, str] | None, control: str | None) -> dict[str, Any] | None:
+    """The first ``sweep_skip`` entry of an experiment that this run's cell matches, or None. Each entry maps
+    options to a value or a list of values; a cell matches when every option has one of them. Options: a config
+    group (its chosen option: ``purifier: jpeg``), ``control``, ``seed`` or a dotted option (``mimic.poison_count``).
+    A sweep is a grid; this takes out the combinations an experiment does not need (one countermeasure at a
+    time, the controls only where they differ)."""
+    rules = cfg.get("sweep_skip") or []
+    for rule in rules:
+        if not isinstance(rule, Mapping) or not rule:
+            raise HarnessError(f"sweep_skip entries must map options to values, got {rule!r}")
+        cell = {str(k): _cell_value(cfg, choices, control, str(k)) for k in rule}  # every option checked
+        if all(cell[str(k)] in _values(v) for k, v in rule.items()):
+            return {str(k): v for k, v in rule.items()}
+    return None
+
+
+def _values(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+
+
+def _cell_value(cfg: DictConfig, choices: Mapping[str, str] | None, control: str | None, key: str) -> Any:
+    if key == "control":
+        return control
+    if key in GROUPS:
+        node = cfg.get(key)
+        return (choices or {}).get(key) or ("none" if node is None else None)
+    missing = object()
+    value = OmegaConf.select(cfg, key, default=missing)
+    if value is missing:
+        raise HarnessError(f"sweep_skip: no option {key!r} in the config (a group, control, seed or a dotted option)")
+    return value
 
 
 def _option_config(group: str, option: str, **values: Any) -> DictConfig:
@@ -339,7 +372,8 @@ def run_from_config(
     row_extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Run one experiment from a composed config and write its result row. Returns the row, or None for a
-    floor control with a purifier (the floor uses none: that cell of a sweep is the ``purifier=none`` one).
+    floor control with a purifier (the floor uses none: that cell of a sweep is the ``purifier=none`` one) and
+    for a cell the experiment's ``sweep_skip`` takes out.
     ``row_extra``: more fields for the row (the audit records its role there)."""
     rt = cfg.runtime
     device = resolve_device(str(rt.device))
@@ -349,6 +383,9 @@ def run_from_config(
     applied = apply_option_overrides(cfg, choices)
     labels = _labels(cfg, choices, [*overrides, *applied])
     labels["control"] = control or ""
+    if (rule := skipped_cell(cfg, choices, control)) is not None:
+        log.info("sweep_skip %s: the experiment does not run this cell; skipped", rule)
+        return None
     if control == "floor" and labels["purifier"] != "none":
         log.info("control=floor ignores the purifier: this cell is the purifier=none one; skipped")
         return None

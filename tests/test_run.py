@@ -245,3 +245,36 @@ def test_rerun_shows_progress_bars_only_when_asked(sweep, tmp_path, monkeypatch)
     base = [str(results), "--where", "defense=noise,purifier=jpeg", "--cache-dir", str(cache), "--into", str(tmp_path)]
     assert rerun.main(base) == 0 and seen == [False, False]
     assert rerun.main([*base, "--progress"]) == 0 and seen[2:] == [True, True]
+
+
+def test_sweep_skip_takes_out_the_matching_cells_only_and_names_an_unknown_option(tmp_path):
+    """An experiment's ``sweep_skip``: a cell that matches every option of one entry (a value or a list of
+    values) is not run and writes no row; a cell that differs in one option runs; an option the config does not
+    have is an error naming it, whether or not the other options match."""
+    from harness.errors import HarnessError
+    from harness.run import compose_config, control_of, run_from_config, skipped_cell
+
+    rule = "+sweep_skip=[{purifier: jpeg, control: [noise, clean], defense.eps: 0.03}]"
+    common = [
+        "model=tiny-random",
+        "defense=noise",
+        f"runtime.results_dir={tmp_path / 'R'}",
+        f"runtime.cache_dir={tmp_path / 'C'}",
+        "runtime.progress=false",
+        rule,
+    ]
+    for extra, skipped in (
+        (["purifier=jpeg", "control=noise", "defense.eps=0.03"], True),
+        (["purifier=jpeg", "control=clean", "defense.eps=0.03"], True),
+        (["purifier=jpeg", "defense.eps=0.03"], False),  # control null is not in the list
+        (["purifier=none", "control=noise", "defense.eps=0.03"], False),
+        (["purifier=jpeg", "control=noise", "defense.eps=0.05"], False),
+    ):
+        cfg, choices = compose_config([*common, *extra])
+        assert (skipped_cell(cfg, choices, control_of(cfg)) is not None) == skipped, extra
+    cfg, choices = compose_config([*common, "purifier=jpeg", "control=noise", "defense.eps=0.03"])
+    assert run_from_config(cfg, choices=choices) is None
+    assert not (tmp_path / "R" / "runs").exists() or not list((tmp_path / "R" / "runs").glob("*.json"))
+    cfg, choices = compose_config([*common[:-1], "+sweep_skip=[{purifier: jpeg, defense.no_such_option: 1}]"])
+    with pytest.raises(HarnessError, match="defense.no_such_option"):
+        skipped_cell(cfg, choices, None)
