@@ -278,17 +278,19 @@ def _refused_note(ex: _Experiment) -> list[str]:
 def _metrics_tables(ex: _Experiment) -> list[str]:
     """``layout: metrics``: one table, a line per protection x role x edit, a column per reported metric."""
     columns, budget = ex.columns, ex.noise_baseline  # no budget columns for protections without a budget
+    attack = "edit" if ex.success.split("/", 1)[0] == "editing" else "attack"
+    purified = bool((ex.plain["purifier"] != "none").any())  # a purifier column where some rows have one
     md = [
-        f"| protection | role | {'edit' if budget else 'attack'} | "
+        f"| protection | role | {'purifier | ' if purified else ''}{attack} | "
         + " | ".join(f"{_short(c)} {ex.arrow(c)}" for c in columns)
         + (" | L-inf (x255) | L2 |" if budget else " |"),
-        "|---|---|---|" + "---|" * (len(columns) + (2 if budget else 0)),
+        "|---|---|---|" + "---|" * (len(columns) + (2 if budget else 0) + purified),
     ]
     for mimic in ex.mimics:
         for d, role, r in _metrics_lines(ex, ex.plain[ex.plain["mimic"] == mimic]):
             linf, l2 = r.get("budget/linf mean", math.nan), r.get("budget/l2 mean", math.nan)
             md.append(
-                f"| {d} | {ROLE_NAMES[role]} | {mimic} | "
+                f"| {d} | {ROLE_NAMES[role]} | {r['purifier'] + ' | ' if purified else ''}{mimic} | "
                 + " | ".join(_cell(r, c) for c in columns)
                 + (f" | {255 * linf:.2f} | {l2:.3f} |" if budget else " |")
             )
@@ -317,9 +319,11 @@ def _metrics_grids(ex: _Experiment) -> list[str]:
     (the first seed's rows)."""
     grids: list[str] = []
     by_label, protections = ex.by_label, ex.protections
-    prepare = get_threat_model(ex.success.split("/", 1)[0], option="report.success").prepare
-    if prepare is not None:
-        return _matched_grids(ex, prepare)
+    tm = get_threat_model(ex.success.split("/", 1)[0], option="report.success")
+    if tm.own_output_ids:
+        return _generation_grids(ex)
+    if tm.prepare is not None:
+        return _matched_grids(ex, tm.prepare)
     for mimic in ex.mimics:
         first = next((v for k, v in by_label.items() if k[3] == mimic and k[1] == ""), None)
         if first is None:
@@ -340,6 +344,49 @@ def _metrics_grids(ex: _Experiment) -> list[str]:
                 ]
         out = ex.results_dir / safe_filename(f"grid_{mimic}.png")
         grids += _write_grid(ex.store, lines, out, ex.n_images, f"{mimic} edits")
+    return grids
+
+
+def _one_per_context(images: Any, _: Any = None, group: str = "source") -> Any:
+    """The first image of each context, in order: of each artist among scraped artworks (ids
+    ``<artist>/<subject>/<split>-<n>``), of each probe artist among probe generations of ``group`` (ids
+    ``gen/<group>/<concept>/<artist>/<k>``). Other ids pass as they are."""
+    from harness.threat_models.poisoning import parse_generation_id
+    from harness.types import ImageSet
+
+    keep, seen = [], set()
+    for i, image_id in enumerate(images.ids):
+        parsed = parse_generation_id(image_id)
+        if parsed is not None and parsed[0] != group:
+            continue
+        context = image_id.split("/")[3] if parsed is not None else image_id.split("/")[0]
+        if context not in seen:
+            seen.add(context)
+            keep.append(i)
+    return ImageSet(images.images[keep], tuple(images.ids[i] for i in keep), tuple(images.captions[i] for i in keep))
+
+
+def _generation_grids(ex: _Experiment) -> list[str]:
+    """For a threat model whose outputs are generations of their own (poisoning): per mimic, the scraped images
+    clean, as each protection and the floor left them, then the source-prompted generations of the model trained
+    on each (the first seed's rows, no purifier): one image per artist, so each column is one artist."""
+    grids: list[str] = []
+    for mimic in ex.mimics:
+        mine = {k: v for k, v in ex.by_label.items() if k[3] == mimic and k[2] == "none"}
+        if not mine:
+            continue
+        first = next(iter(sorted(mine.items())))[1]
+        lines: list[tuple] = [("scraped images, clean", "data", first["stage_keys"].get("data"), _one_per_context)]
+        roles = sorted(mine.items(), key=lambda kv: ("clean", "noise", "", "floor").index(kv[0][1]))
+        for (d, c, _, _), r in roles:
+            if c in ("", "floor"):
+                what = "the floor's dirty-label poison" if c == "floor" else _base(d)
+                lines.append((f"scraped images: {what}", "protect", r["stage_keys"].get("protect"), _one_per_context))
+        for (d, c, _, _), r in roles:
+            what = {"clean": "clean images", "noise": "noise", "floor": "dirty-label poison"}.get(c, _base(d))
+            lines.append((f"trained on {what}: source probes", "mimic", r["stage_keys"].get("mimic"), _one_per_context))
+        out = ex.results_dir / safe_filename(f"grid_{mimic}.png")
+        grids += _write_grid(ex.store, lines, out, ex.n_images, f"{mimic}: scraped images and probes")
     return grids
 
 

@@ -376,8 +376,9 @@ def judge(
     if not (positive.defined and positive.low > 0):
         v.sentence = (
             f"{threat_model}: no verdict on {defense}: the positive control does not clearly beat the floor "
-            f"(clean minus floor {positive.fmt(3)} in {name}): the attacker could not {attack} even the clean "
-            f"images with this model, so nothing about the protection follows. {levels}."
+            f"(clean minus floor {positive.fmt(3)} in {name}): "
+            + (tm.unseparated or f"the attacker could not {attack} even the clean images with this model")
+            + f", so nothing about the protection follows. {levels}."
         )
         return v
     if not (noise_gap.defined and noise_gap.low > 0):

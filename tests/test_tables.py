@@ -260,6 +260,9 @@ def test_experiment_curve_reads_mimic_options_and_draws_controls_per_x(tmp_path)
     assert lines["floor, purifier=none"].split("|")[2].strip().startswith("0.000")
     assert "positive control (clean), purifier=none" in lines
     assert (tmp_path / "curve.png").stat().st_size > 0
+    # some rows are purified: the metrics table names each line's purifier (a jpeg line beside the none one)
+    assert "| protection | role | purifier | attack |" in report
+    assert any(line.startswith("| ns | protected | jpeg | poison[poison_count=50] |") for line in report.splitlines())
     spec["curve"] = {"x": "mimic.poison_count", "series": "eps"}  # flat controls, unpurified protected rows only
     report = write_experiment_report(tmp_path, rows, cache_dir=None).read_text()
     table = report.split("against poison_count, per eps (protected, no purifier)", 1)[1]

@@ -78,6 +78,16 @@ def test_no_verdict_when_the_positive_control_does_not_beat_the_floor():
     assert "could not edit even the clean images" in v.sentence
 
 
+def test_no_verdict_on_a_poison_when_dirty_label_poison_does_not_hurt_the_trainer():
+    """Poisoning's floor is dirty-label poison: when training on it is no worse than on the clean images, the
+    sentence says that (not that the attacker could not train)."""
+    cs = controls({"none": 0.3}, {"none": 0.31}, floor=0.3, clean=0.3)
+    v = judge(cs, threat_model="poisoning", defense="ns", metric="poisoning/concept_accuracy", higher=True)
+    assert v.outcome == "no verdict"
+    assert "dirty-label poison of this count does not clearly hurt the trainer" in v.sentence
+    assert "could not" not in v.sentence
+
+
 def test_no_verdict_when_noise_already_reaches_the_floor():
     v = verdict(controls({"none": 0.3}, {"none": 0.3}, floor=0.3, clean=1.0))
     assert v.outcome == "no verdict" and "noise of the same budget already brings" in v.sentence

@@ -56,6 +56,8 @@ class ThreatModel:
         own_output_ids: the measures' per-image values are per output (probe generations with ids of their own,
             not one per input image): rows record those ids as ``output_ids`` beside the ``image_ids`` of the
             inputs (:func:`harness.verdict.values_of` pairs each value by the id it belongs to).
+        unseparated: what it means when the positive control does not clearly beat the floor, for the verdict's
+            "no verdict" sentence ("": the attacker could not <attack> even the clean images with this model).
     """
 
     name: str
@@ -71,6 +73,7 @@ class ThreatModel:
     floor_defense: str | None = None
     floor_defense_args: tuple[str, ...] = ()
     own_output_ids: bool = False
+    unseparated: str = ""
 
     def __post_init__(self) -> None:
         if self.reference not in REFERENCES:

@@ -93,4 +93,5 @@ THREAT_MODEL = ThreatModel(
     floor_defense="dirty_label",
     floor_defense_args=("source", "target"),
     own_output_ids=True,
+    unseparated="dirty-label poison of this count does not clearly hurt the trainer more than the clean images do",
 )
