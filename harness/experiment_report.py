@@ -188,7 +188,8 @@ def write_experiment_report(
     table["role"] = _role_column(table, baseline)
     ex = _Experiment(results_dir, rows, spec, table, higher, store, baseline, min_effect)
     tables, grids = (_metrics_tables(ex), _metrics_grids(ex)) if layout == "metrics" else _matrix_layout(ex)
-    md = [*_header(ex), *_findings(ex), *_refused_note(ex), *tables, "", *_curve(ex), method_note(ex.min_effect), ""]
+    md = [*_header(ex), *_findings(ex), *_refused_note(ex), *tables, "", *_mimic_info_table(ex), *_curve(ex)]
+    md += [method_note(ex.min_effect), ""]
     if grids:
         md += ["## Image grids", "", *grids]
     md.append("Generated from the rows; do not edit. Rebuild with `python -m harness.tables`.")
@@ -294,6 +295,38 @@ def _metrics_tables(ex: _Experiment) -> list[str]:
                 + " | ".join(_cell(r, c) for c in columns)
                 + (f" | {255 * linf:.2f} | {l2:.3f} |" if budget else " |")
             )
+    return [*md, ""]
+
+
+def _mimic_info_table(ex: _Experiment) -> list[str]:
+    """What the mimics reported about their own run (``mimic_info``: a training-data filter's precision and
+    recall on the scraped images, say), per mimic, protection, role and purifier: the mean over seeds, and the
+    per-seed range. Nothing when no row has any."""
+    groups: dict[tuple[str, str, str, str], list[dict[str, float]]] = {}
+    for r in ex.rows:
+        if r.get("mimic_info"):
+            lab = r["labels"]
+            role = lab.get("control") or "protected"
+            groups.setdefault((lab["mimic"], lab["defense"], role, lab["purifier"]), []).append(r["mimic_info"])
+    if not groups:
+        return []
+    keys = list(dict.fromkeys(k for infos in groups.values() for info in infos for k in info))
+    md = [
+        "## What the mimics reported (`mimic_info`; mean over seeds [lowest, highest seed])",
+        "",
+        "| attack | protection | role | purifier | " + " | ".join(keys) + " |",
+        "|---|---|---|---|" + "---|" * len(keys),
+    ]
+    order = {"clean": 0, "floor": 1, "noise": 2, "protected": 3}
+    for (mimic, d, role, pur), infos in sorted(
+        groups.items(), key=lambda kv: (_natural(kv[0][0]), order.get(kv[0][2], 4))
+    ):
+        cells = []
+        for k in keys:
+            vals = [float(i[k]) for i in infos if k in i and not math.isnan(float(i[k]))]
+            mean = sum(vals) / len(vals) if vals else math.nan
+            cells.append(f"{mean:.3g} [{min(vals):.3g}, {max(vals):.3g}]" if len(vals) > 1 else f"{mean:.3g}")
+        md.append(f"| {mimic} | {d} | {ROLE_NAMES.get(role, role)} | {pur} | " + " | ".join(cells) + " |")
     return [*md, ""]
 
 

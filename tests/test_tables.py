@@ -250,6 +250,8 @@ def test_experiment_curve_reads_mimic_options_and_draws_controls_per_x(tmp_path)
                     "defense": {"eps": 0.04},
                 }
                 r["created"], r["stage_keys"] = "2026-01-01T00:00:00+00:00", {}
+                if count == 50 and control == "" and purifier == "none":  # a filter's figures, per seed
+                    r["mimic_info"] = {"filter_precision": 0.5 + 0.25 * seed}
                 rows.append(r)
     report = write_experiment_report(tmp_path, rows, cache_dir=None).read_text()
     assert "## style_match ↑ against poison_count, per purifier (every row)" in report
@@ -260,6 +262,8 @@ def test_experiment_curve_reads_mimic_options_and_draws_controls_per_x(tmp_path)
     assert lines["floor, purifier=none"].split("|")[2].strip().startswith("0.000")
     assert "positive control (clean), purifier=none" in lines
     assert (tmp_path / "curve.png").stat().st_size > 0
+    # the mimics' own figures: mean over the seeds and the per-seed range (0.5 and 0.75 by hand)
+    assert "| poison[poison_count=50] | ns | protected | none | 0.625 [0.5, 0.75] |" in report
     # some rows are purified: the metrics table names each line's purifier (a jpeg line beside the none one)
     assert "| protection | role | purifier | attack |" in report
     assert any(line.startswith("| ns | protected | jpeg | poison[poison_count=50] |") for line in report.splitlines())
