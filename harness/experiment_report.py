@@ -513,22 +513,26 @@ def _curve(ex: _Experiment) -> list[str]:
         if x is None or any(v is None for v in series):
             continue
         name = ", ".join(f"{k.rpartition('.')[2]}={v}" for k, v in zip(s_keys, series, strict=True))
-        if control:
-            name = f"{ROLE_NAMES.get(control, control)}, {name}"
+        if control or per_x:  # with the controls as lines of their own, every line names its role
+            name = f"{ROLE_NAMES.get(control or 'protected', control)}, {name}"
         groups.setdefault(series[0] if plain else name, {}).setdefault(float(x), []).append(r)
     if not groups:
         return []
-    fig, ax = plt.subplots(figsize=(5, 3.4) if not per_x else (6.5, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(5, 3.4) if not per_x else (9.5, 4.2), dpi=120)
     x_name, s_name = x_key.rpartition(".")[2], ", ".join(k.rpartition(".")[2] for k in s_keys)
     xs_all = sorted({x for g in groups.values() for x in g})
     table = [f"| {'line' if per_x else s_name} | " + " | ".join(f"{x_name}={x:g}" for x in xs_all) + " |"]
     table.append("|---|" + "---|" * len(xs_all))
-    for series in sorted(groups, key=lambda g: _natural(str(g))):
+    # with the controls as lines, many lines share an x: each is drawn a little to the side of it (a dodge of
+    # at most a tenth of the smallest gap between xs), so their intervals stay apart
+    gap = min((b - a for a, b in zip(xs_all, xs_all[1:], strict=False)), default=1.0)
+    dodge = 0.1 * gap / max(len(groups) - 1, 1) if per_x else 0.0
+    for i, series in enumerate(sorted(groups, key=lambda g: _natural(str(g)))):
         pts = {x: bootstrap_ci(values_of(rs, ex.success), binary=binary) for x, rs in groups[series].items()}
         xs = sorted(pts)
         label = f"{s_name}={series}" if plain else series
         ax.errorbar(
-            xs,
+            [x + (i - (len(groups) - 1) / 2) * dodge for x in xs],
             [pts[x][0] for x in xs],
             yerr=[[pts[x][0] - pts[x][1] for x in xs], [pts[x][2] - pts[x][0] for x in xs]],
             marker="o",
@@ -543,7 +547,10 @@ def _curve(ex: _Experiment) -> list[str]:
             ax.axhline(level, color="grey", linestyle=style, linewidth=1, label=f"{control} control")
     ax.set_xlabel(x_key if per_x else x_name)
     ax.set_ylabel(ex.success)
-    ax.legend(fontsize=7)
+    if per_x:  # many lines: the legend beside the plot, not over it
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})

@@ -256,9 +256,9 @@ def test_experiment_curve_reads_mimic_options_and_draws_controls_per_x(tmp_path)
     report = write_experiment_report(tmp_path, rows, cache_dir=None).read_text()
     assert "## style_match ↑ against poison_count, per purifier (every row)" in report
     lines = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
-    assert lines["purifier=none"].split("|")[2].strip().startswith("0.750")  # 6 of 8 at count 10
-    assert lines["purifier=none"].split("|")[3].strip().startswith("0.250")  # 2 of 8 at count 50
-    assert lines["purifier=jpeg"].split("|")[3].strip().startswith("1.000")
+    assert lines["protected, purifier=none"].split("|")[2].strip().startswith("0.750")  # 6 of 8 at count 10
+    assert lines["protected, purifier=none"].split("|")[3].strip().startswith("0.250")  # 2 of 8 at count 50
+    assert lines["protected, purifier=jpeg"].split("|")[3].strip().startswith("1.000")
     assert lines["floor, purifier=none"].split("|")[2].strip().startswith("0.000")
     assert "positive control (clean), purifier=none" in lines
     assert (tmp_path / "curve.png").stat().st_size > 0
