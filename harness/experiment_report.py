@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 __all__ = ["write_experiment_report", "experiment_spec"]
 
 LAYOUTS = ("metrics", "matrix")
+#: the order of the roles in a table: the controls first, then the protection
+ROLE_ORDER = {"clean": 0, "floor": 1, "noise": 2, "protected": 3}
 ROLE_NAMES = {
     "clean": "positive control (clean)",
     "floor": "floor",
@@ -277,7 +279,8 @@ def _refused_note(ex: _Experiment) -> list[str]:
 
 
 def _metrics_tables(ex: _Experiment) -> list[str]:
-    """``layout: metrics``: one table, a line per protection x role x edit, a column per reported metric."""
+    """``layout: metrics``: one table, a line per protection x role (x purifier, where rows are purified) x edit,
+    a column per reported metric."""
     columns, budget = ex.columns, ex.noise_baseline  # no budget columns for protections without a budget
     attack = "edit" if ex.success.split("/", 1)[0] == "editing" else "attack"
     purified = bool((ex.plain["purifier"] != "none").any())  # a purifier column where some rows have one
@@ -317,9 +320,8 @@ def _mimic_info_table(ex: _Experiment) -> list[str]:
         "| attack | protection | role | purifier | " + " | ".join(keys) + " |",
         "|---|---|---|---|" + "---|" * len(keys),
     ]
-    order = {"clean": 0, "floor": 1, "noise": 2, "protected": 3}
     for (mimic, d, role, pur), infos in sorted(
-        groups.items(), key=lambda kv: (_natural(kv[0][0]), order.get(kv[0][2], 4))
+        groups.items(), key=lambda kv: (_natural(kv[0][0]), ROLE_ORDER.get(kv[0][2], 4))
     ):
         cells = []
         for k in keys:
@@ -333,7 +335,6 @@ def _mimic_info_table(ex: _Experiment) -> list[str]:
 def _metrics_lines(ex: _Experiment, t_m: pd.DataFrame) -> list[tuple[str, str, pd.Series]]:
     """One mimic's (protection, role, summary line)s, in table order: the shared controls first, then per
     protection its noise baseline and its protected line (and legacy noise rows, not budget-matched)."""
-    order = {"clean": 0, "floor": 1, "noise": 2, "protected": 3}
     lines = []
     for role in ("clean", "floor"):
         hit = t_m[(t_m["role"] == role) & (t_m["purifier"] == "none")]
@@ -344,7 +345,7 @@ def _metrics_lines(ex: _Experiment, t_m: pd.DataFrame) -> list[tuple[str, str, p
             lines.append((d, r["role"], r))
     for _, r in t_m[(t_m["role"] == "noise") & (t_m["control"] == "")].iterrows():
         lines.append((r["defense"], "noise", r))
-    return sorted(lines, key=lambda x: (x[0] != "(any)", _natural(x[0]), order[x[1]]))
+    return sorted(lines, key=lambda x: (x[0] != "(any)", _natural(x[0]), ROLE_ORDER[x[1]]))
 
 
 def _metrics_grids(ex: _Experiment) -> list[str]:
@@ -380,44 +381,27 @@ def _metrics_grids(ex: _Experiment) -> list[str]:
     return grids
 
 
-def _one_per_context(images: Any, _: Any = None, group: str = "source") -> Any:
-    """The first image of each context, in order: of each artist among scraped artworks (ids
-    ``<artist>/<subject>/<split>-<n>``), of each probe artist among probe generations of ``group`` (ids
-    ``gen/<group>/<concept>/<artist>/<k>``). Other ids pass as they are."""
-    from harness.threat_models.poisoning import parse_generation_id
-    from harness.types import ImageSet
-
-    keep, seen = [], set()
-    for i, image_id in enumerate(images.ids):
-        parsed = parse_generation_id(image_id)
-        if parsed is not None and parsed[0] != group:
-            continue
-        context = image_id.split("/")[3] if parsed is not None else image_id.split("/")[0]
-        if context not in seen:
-            seen.add(context)
-            keep.append(i)
-    return ImageSet(images.images[keep], tuple(images.ids[i] for i in keep), tuple(images.captions[i] for i in keep))
-
-
 def _generation_grids(ex: _Experiment) -> list[str]:
     """For a threat model whose outputs are generations of their own (poisoning): per mimic, the scraped images
     clean, as each protection and the floor left them, then the source-prompted generations of the model trained
     on each (the first seed's rows, no purifier): one image per artist, so each column is one artist."""
+    from harness.threat_models.poisoning import one_per_artist
+
     grids: list[str] = []
     for mimic in ex.mimics:
         mine = {k: v for k, v in ex.by_label.items() if k[3] == mimic and k[2] == "none"}
         if not mine:
             continue
         first = next(iter(sorted(mine.items())))[1]
-        lines: list[tuple] = [("scraped images, clean", "data", first["stage_keys"].get("data"), _one_per_context)]
+        lines: list[tuple] = [("scraped images, clean", "data", first["stage_keys"].get("data"), one_per_artist)]
         roles = sorted(mine.items(), key=lambda kv: ("clean", "noise", "", "floor").index(kv[0][1]))
         for (d, c, _, _), r in roles:
             if c in ("", "floor"):
                 what = "the floor's dirty-label poison" if c == "floor" else _base(d)
-                lines.append((f"scraped images: {what}", "protect", r["stage_keys"].get("protect"), _one_per_context))
+                lines.append((f"scraped images: {what}", "protect", r["stage_keys"].get("protect"), one_per_artist))
         for (d, c, _, _), r in roles:
             what = {"clean": "clean images", "noise": "noise", "floor": "dirty-label poison"}.get(c, _base(d))
-            lines.append((f"trained on {what}: source probes", "mimic", r["stage_keys"].get("mimic"), _one_per_context))
+            lines.append((f"trained on {what}: source probes", "mimic", r["stage_keys"].get("mimic"), one_per_artist))
         out = ex.results_dir / safe_filename(f"grid_{mimic}.png")
         grids += _write_grid(ex.store, lines, out, ex.n_images, f"{mimic}: scraped images and probes")
     return grids

@@ -270,15 +270,8 @@ def test_a_filtered_poison_training_run_writes_the_filter_figures_into_its_row(t
     row = rows[1]
     assert len(row["image_ids"]) == len(row["per_image"]["budget/linf"]) == 10  # the scrape: 10 artists x 1
     probes = row["output_ids"]
-    assert (
-        probes
-        and all(parse_generation_id(i) for i in probes)
-        and set(row["output_metrics"])
-        >= {
-            "poisoning/concept_accuracy",
-            "poisoning/target_rate",
-        }
-    )
+    assert probes and all(parse_generation_id(i) for i in probes)
+    assert set(row["output_metrics"]) >= {"poisoning/concept_accuracy", "poisoning/target_rate"}
     assert all(len(row["per_image"][m]) == len(probes) for m in row["output_metrics"])
     assert set(values_of([row], "poisoning/concept_accuracy")[1]) == set(probes)
     assert set(values_of([row], "budget/linf")[1]) == set(row["image_ids"])
@@ -338,17 +331,17 @@ def test_dirty_label_training_moves_the_source_concept_and_clean_training_does_n
 def test_generation_grid_shows_one_image_per_artist_and_only_the_source_probes():
     """The poisoning report's grid columns are artists: of the scraped artworks the first of each artist, of the
     probe generations the first source probe of each probe artist (related and unrelated probes left out)."""
-    from harness.experiment_report import _one_per_context
+    from harness.threat_models.poisoning import one_per_artist
 
     scraped = ImageSet(
         torch.rand(4, 3, 8, 8),
         ["a/house/posted-0", "a/house/posted-1", "b/house/posted-0", "c/house/posted-0"],
         ["x"] * 4,
     )
-    kept = _one_per_context(scraped)
+    kept = one_per_artist(scraped)
     assert kept.ids == ("a/house/posted-0", "b/house/posted-0", "c/house/posted-0")
     assert torch.equal(kept.images[1], scraped.images[2])
     ids = [generation_id("related", "boat", "a", 0), generation_id("source", "house", "a", 0)]
     ids += [generation_id("source", "house", "a", 1), generation_id("source", "house", "b", 0)]
     probes = ImageSet(torch.rand(4, 3, 8, 8), ids, ["p"] * 4)
-    assert _one_per_context(probes).ids == (ids[1], ids[3])
+    assert one_per_artist(probes).ids == (ids[1], ids[3])

@@ -27,7 +27,15 @@ from harness.errors import ConfigError
 from harness.threat_models import ThreatModel
 from harness.types import ImageSet
 
-__all__ = ["THREAT_MODEL", "GROUPS", "check_concepts", "swap_concept", "generation_id", "parse_generation_id"]
+__all__ = [
+    "THREAT_MODEL",
+    "GROUPS",
+    "check_concepts",
+    "swap_concept",
+    "generation_id",
+    "parse_generation_id",
+    "one_per_artist",
+]
 
 #: the prompt groups a poisoned model is probed with: the poisoned concept itself, concepts near it, the rest
 GROUPS = ("source", "related", "unrelated")
@@ -74,6 +82,22 @@ def parse_generation_id(image_id: str) -> tuple[str, str] | None:
     if len(parts) != 5 or parts[0] != "gen" or parts[1] not in GROUPS:
         return None
     return parts[1], parts[2]
+
+
+def one_per_artist(images: ImageSet, _: object = None, group: str = "source") -> ImageSet:
+    """The first image of each artist, in order: among scraped artworks (ids ``<artist>/<subject>/<split>-<n>``),
+    and among probe generations only those of ``group`` (ids :func:`generation_id` writes, the artist as their
+    context). A report grid's transform (the second argument, the grid's first set, is not used)."""
+    keep, seen = [], set()
+    for i, image_id in enumerate(images.ids):
+        parsed = parse_generation_id(image_id)
+        if parsed is not None and parsed[0] != group:
+            continue
+        artist = image_id.split("/")[3] if parsed is not None else image_id.split("/")[0]
+        if artist not in seen:
+            seen.add(artist)
+            keep.append(i)
+    return ImageSet(images.images[keep], tuple(images.ids[i] for i in keep), tuple(images.captions[i] for i in keep))
 
 
 def _prepare(outputs: ImageSet, references: ImageSet, _: Mapping[str, object] | None = None):
