@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from harness.metrics.clip import ClipSpec, load_clip, style_classifier, tiny_clip_path
 from harness.models import ModelNotFoundError, ModelSpec, load_pipeline, shipped_model_path
@@ -267,7 +268,10 @@ def test_lora_positive_control_repeats_over_finetune_seeds_on_posted_artworks(mo
 
     def spy(pipe, images, **kw):
         seen.append((images.ids[0], images.images.shape[-1], kw["seed"]))
+        recipes.append({k: kw[k] for k in ("rank", "steps", "lr", "batch_size")})
         return original(pipe, images, **kw)
+
+    recipes: list[dict] = []
 
     monkeypatch.setattr(ev, "lora_finetune", lambda: spy)
     monkeypatch.setattr(ev, "SAMPLE_STEPS", 2)
@@ -282,6 +286,13 @@ def test_lora_positive_control_repeats_over_finetune_seeds_on_posted_artworks(mo
     assert [s[0] for s in seen] == ["cyanora/house/posted-0000"] * 2 and {s[1] for s in seen} == {32}
     assert seen[0][2] != seen[1][2] and len(set(row["final_loss_per_finetune_seed"])) == 2
     assert row["accuracy_after_per_finetune_seed"] == [1.0, 1.0] and out["settings"]["split"] == "posted"
+    # the audits' recipe (experiments/mimic/lora.yaml) but for the steps given here, recorded as not the audits'
+    audits = OmegaConf.load(ev.LORA_MIMIC_CONFIG)
+    assert recipes[0] == {"rank": audits.rank, "steps": 2, "lr": audits.lr, "batch_size": audits.batch_size}
+    assert out["settings"]["steps"] == 2 and out["settings"]["audit_recipe"] is False
+    assert ev.lora_recipe(steps=None) == {k: audits[k] for k in ev.LORA_RECIPE_KEYS}
+    with pytest.raises(ValueError, match="not a LoRA recipe option: alpha"):
+        ev.lora_recipe(alpha=4)
     assert ev.lora_control_met(out, "cyanora") is False  # 2 seeds < the 3 the target needs
     three = {"accuracy_after": 0.93, "accuracy_after_per_finetune_seed": [1, 0.9, 0.9]}
     assert ev.lora_control_met({"a": {**three, "train_seconds_per_finetune_seed": [300, 310, 290]}}, "a") is True
@@ -296,3 +307,56 @@ def test_lora_positive_control_repeats_over_finetune_seeds_on_posted_artworks(mo
     assert ev.lora_control_met(fast, "a", device="cuda") is None and ev.lora_control_met(fast, "a") is True
     low = {"a": {**three, "accuracy_after": 0.85, "train_seconds_per_finetune_seed": [30, 31, 29]}}
     assert ev.lora_control_met(low, "a", device="cuda") is False
+
+
+def test_lora_command_writes_the_control_at_the_audits_recipe_and_a_trial_at_another(tmp_path, monkeypatch):
+    """``evaluate --models lora``: at the audits' recipe the figures replace tiny-sd's positive control (the other
+    figures kept); at another recipe they are a trial, listed once per recipe on the card beside the target; the
+    --lora-* options without --models lora are an error naming them."""
+    import harness.zoo.__main__ as zoo_main
+    from harness.zoo import cards
+    from harness.zoo import evaluate as ev
+
+    zoo = tmp_path / "zoo"
+    (zoo / "tiny-sd").mkdir(parents=True)
+    (zoo / "tiny-sd" / "figures.json").write_text(json.dumps({"evaluation": {"text2img": {"samples": 1}}}))
+    monkeypatch.setattr(zoo_main, "ZOO", zoo)
+    monkeypatch.setattr(cards, "ZOO", zoo)
+    monkeypatch.setattr(cards, "_ABOUT", {"tiny-sd": cards._ABOUT["tiny-sd"]})
+    calls = []
+
+    def fake(pipe, clf, artists=None, finetune_seeds=3, **recipe):
+        calls.append(recipe)
+        settings = {**ev.lora_recipe(**recipe), "finetune_seeds": finetune_seeds}
+        score = 0.5 + 0.1 * len(calls)
+        row = {
+            "accuracy_after": score,
+            "accuracy_after_per_finetune_seed": [score] * finetune_seeds,
+            "train_seconds_per_finetune_seed": [1.0] * finetune_seeds,
+        }
+        return {
+            "cyanora": row,
+            "settings": {
+                **settings,
+                "audit_recipe": settings == {**ev.lora_recipe(), "finetune_seeds": finetune_seeds},
+            },
+        }
+
+    monkeypatch.setattr(ev, "evaluate_lora", fake)
+    run = ["evaluate", "--models", "lora", "--threads", "1"]
+    zoo_main.main(run)
+    zoo_main.main([*run, "--lora-steps", "1200", "--lora-lr", "0.001"])
+    zoo_main.main([*run, "--lora-steps", "1200", "--lora-lr", "0.001"])  # measured again: replaces, not added
+    zoo_main.main([*run, "--lora-steps", "1200"])
+    assert calls[1] == {"steps": 1200, "rank": None, "lr": 0.001}
+    figures = json.loads((zoo / "tiny-sd" / "figures.json").read_text())
+    assert figures["evaluation"]["text2img"] == {"samples": 1}
+    assert figures["evaluation"]["lora_positive_control"]["cyanora"]["accuracy_after"] == pytest.approx(0.6)
+    trials = figures["lora_recipe_trials"]
+    assert [(t["settings"]["steps"], t["settings"]["lr"]) for t in trials] == [(1200, 0.001), (1200, 0.003)]
+    assert [t["cyanora"]["accuracy_after"] for t in trials] == [pytest.approx(0.8), pytest.approx(0.9)]
+    card = (zoo / "tiny-sd" / "README.md").read_text()
+    assert "### LoRA recipes beside the audits'" in card and card.count("| cyanora | 8 | 1200 |") == 2
+    assert "lora_recipe_trials" not in card  # the trials are the table, not flattened figures
+    with pytest.raises(SystemExit):
+        zoo_main.main(["evaluate", "--models", "tiny-sd", "--lora-lr", "0.001"])

@@ -8,7 +8,9 @@ Commands:
     evaluate        measure the quality figures of the installed models (``figures.json`` in each folder) and
                     write the model cards; ``--skip-lora`` skips the (minutes-long) LoRA positive control;
                     ``--models concepts`` measures the poisoning threat model's figures (tiny-clip's subject
-                    accuracy, how much tiny-sd's prompt's subject conditions it).
+                    accuracy, how much tiny-sd's prompt's subject conditions it); ``--models lora`` the LoRA
+                    positive control alone, at the audits' recipe or, with ``--lora-steps/--lora-lr/--lora-rank``,
+                    at another (a trial, shown beside it on tiny-sd's card).
     cards           rewrite the model cards from the saved training records and figures.
     grid            save a PNG grid of procedural artworks, one row per artist.
 
@@ -185,6 +187,47 @@ def _evaluate_concepts(args: argparse.Namespace, clip: Any, stamp: dict[str, Any
     _save_figures("tiny-sd", {"concepts": {**conditioning, **stamp, "seconds": round(time.time() - t0, 1)}})
 
 
+def _evaluate_lora_recipe(args: argparse.Namespace, clf: Any, stamp: dict[str, Any]) -> None:
+    """The LoRA positive control alone (``--models lora``), with the recipe options given on the command line.
+    At the audits' recipe (``experiments/mimic/lora.yaml``) it replaces tiny-sd's ``lora_positive_control``
+    (the figure the target is judged on); at another recipe it is a trial, kept in tiny-sd's
+    ``lora_recipe_trials`` (one entry per recipe and artists, the latest measurement) for the card's table of
+    recipes beside the audits'."""
+    from harness.models import ModelSpec, load_pipeline
+    from harness.zoo import architectures as arch
+    from harness.zoo import evaluate as ev
+
+    t0 = time.time()
+    pipe = load_pipeline(ModelSpec(source="tiny-sd", resolution=arch.RESOLUTION), "text2img", args.device)
+    control = ev.evaluate_lora(
+        pipe,
+        clf,
+        artists=args.lora_artists,
+        steps=args.lora_steps,
+        rank=args.lora_rank,
+        lr=args.lora_lr,
+        finetune_seeds=args.lora_seeds,
+    )
+    print("lora", json.dumps(control), flush=True)
+    path = ZOO / "tiny-sd" / "figures.json"
+    figures = json.loads(path.read_text()) if path.is_file() else {}
+    if control["settings"]["audit_recipe"]:
+        evaluation = {**figures.get("evaluation", {}), "lora_positive_control": control}
+        _save_figures("tiny-sd", {"evaluation": evaluation})
+        return
+    trial = {**control, **stamp, "seconds": round(time.time() - t0, 1)}
+
+    def same(t: dict[str, Any]) -> bool:
+        keys = (*ev.LORA_RECIPE_KEYS, "finetune_seeds")
+        artists = sorted(k for k, v in t.items() if isinstance(v, dict) and "accuracy_after" in v)
+        mine = sorted(k for k, v in trial.items() if isinstance(v, dict) and "accuracy_after" in v)
+        return artists == mine and all(t["settings"].get(k) == trial["settings"][k] for k in keys)
+
+    trials = [t for t in figures.get("lora_recipe_trials", []) if not same(t)] + [trial]
+    trials.sort(key=lambda t: tuple(str(t["settings"].get(k)) for k in ev.LORA_RECIPE_KEYS))
+    _save_figures("tiny-sd", {"lora_recipe_trials": trials})
+
+
 def _evaluate_autoencoder(args: argparse.Namespace, stamp: dict[str, Any]) -> None:
     """``tiny-vae``'s figures: reconstruction, and the encoder attack's reach beside uniform noise; with
     ``--taef2 DIR`` also the TAEF2 reference row on the same photos with the same attack."""
@@ -235,13 +278,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     stamp = {"measured_on": time.strftime("%Y-%m-%d"), "device": args.device, "threads": torch.get_num_threads()}
     if "tiny-vae" in args.models:
         _evaluate_autoencoder(args, stamp)
-    if not set(args.models) & {*MODELS, "concepts"}:
+    if not set(args.models) & {*MODELS, "concepts", "lora"}:
         cards.write_all()
         return
     clip = load_clip("tiny-clip", device=args.device)  # the judge of the other models' figures
     if "concepts" in args.models:
         _evaluate_concepts(args, clip, stamp)
-    if not set(args.models) & set(MODELS):
+    if not set(args.models) & {*MODELS, "lora"}:
         cards.write_all()
         return
     if "tiny-clip" in args.models:
@@ -270,10 +313,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print("edit response", json.dumps(sd["edit_response"]), flush=True)
         if not args.skip_lora:
             sd["lora_positive_control"] = ev.evaluate_lora(
-                t2i, clf, artists=args.lora_artists, steps=args.lora_steps, finetune_seeds=args.lora_seeds
+                t2i, clf, artists=args.lora_artists, finetune_seeds=args.lora_seeds
             )
             print("lora", json.dumps(sd["lora_positive_control"]), flush=True)
         _save_figures("tiny-sd", {"evaluation": sd})
+    if "lora" in args.models:
+        _evaluate_lora_recipe(args, clf, stamp)
     if "tiny-sd-inpaint" in args.models:
         spec = ModelSpec(source="tiny-sd-inpaint", resolution=arch.RESOLUTION)
         figures = ev.evaluate_inpaint(load_pipeline(spec, "inpaint", args.device), clf)
@@ -314,16 +359,23 @@ def main(argv: list[str] | None = None) -> None:
         "--models",
         nargs="+",
         default=list(MODELS),
-        choices=[*MODELS, *MODELS_V2, "concepts"],
+        choices=[*MODELS, *MODELS_V2, "concepts", "lora"],
         help="models to measure; concepts: the poisoning threat model's figures (tiny-clip's subject accuracy, "
-        "tiny-sd's subject conditioning)",
+        "tiny-sd's subject conditioning); lora: tiny-sd's LoRA positive control alone, at the audits' recipe or "
+        "at the one the --lora-* options give (a trial, shown beside it on the card)",
     )
     p.add_argument("--taef2", default=None, help="a TAEF2 folder: measure the tiny-vae card's reference row")
     p.add_argument("--attack-steps", type=int, default=None, help="override the encoder attack's 1000 steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--skip-lora", action="store_true")
-    p.add_argument("--lora-steps", type=int, default=400)
+    for opt, kind in (("steps", int), ("rank", int), ("lr", float)):
+        p.add_argument(
+            f"--lora-{opt}",
+            type=kind,
+            default=None,
+            help=f"with --models lora: the LoRA's {opt} (default: the audits', experiments/mimic/lora.yaml)",
+        )
     p.add_argument("--lora-seeds", type=int, default=3, help="finetune seeds of the LoRA positive control")
     p.add_argument(
         "--lora-artists",
@@ -341,6 +393,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_grid)
     args = parser.parse_args(argv)
+    if args.command == "evaluate" and "lora" not in args.models:
+        given = [f"--lora-{o}" for o in ("steps", "rank", "lr") if getattr(args, f"lora_{o}") is not None]
+        if given:
+            parser.error(f"{', '.join(given)}: only with --models lora (the other models use the audits' recipe)")
     args.func(args)
 
 

@@ -154,8 +154,9 @@ def card(model: str) -> str:
             "",
         ]
         rows: list[tuple[str, Any]] = []
-        _flatten("", figures, rows)
+        _flatten("", {k: v for k, v in figures.items() if k != "lora_recipe_trials"}, rows)
         lines += _table(rows)
+        lines += _lora_trials(figures.get("lora_recipe_trials", []))
     else:
         lines.append("Not measured yet: run `python -m harness.zoo evaluate`.")
     at = lines.index("## Measured quality") + 2
@@ -225,6 +226,35 @@ def _autoencoder_targets(figures: dict[str, Any]) -> list[str]:
         else []
     )
     return ["### Targets", "", *rows, "", *notes, ""]
+
+
+def _lora_trials(trials: list[dict[str, Any]]) -> list[str]:
+    """tiny-sd's LoRA recipes measured beside the audits' (``evaluate --models lora --lora-...``): one row per
+    recipe and artist, the positive control's figures with the recipe that gave them."""
+    if not trials:
+        return []
+    from harness.zoo.evaluate import LORA_RECIPE_KEYS
+
+    lines = [
+        "",
+        "### LoRA recipes beside the audits'",
+        "",
+        "The target above is judged on the audits' recipe (`experiments/mimic/lora.yaml`); these rows are the "
+        "same positive control (same training images, samples and judge) at other recipes, measured by "
+        "`python -m harness.zoo evaluate --models lora --lora-steps N --lora-lr LR --lora-rank R`.",
+        "",
+        "| artist | rank | steps | lr | batch | style match, mean | per finetune seed | longest finetune | measured |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in trials:
+        recipe = " | ".join(str(t["settings"].get(k)) for k in LORA_RECIPE_KEYS)
+        for a, row in t.items():
+            if isinstance(row, dict) and "accuracy_after" in row:
+                lines.append(
+                    f"| {a} | {recipe} | {row['accuracy_after']} | {row['accuracy_after_per_finetune_seed']} | "
+                    f"{max(row['train_seconds_per_finetune_seed'])} s on {t.get('device')} | {t.get('measured_on')} |"
+                )
+    return lines
 
 
 def _figures(model: str) -> dict[str, Any]:

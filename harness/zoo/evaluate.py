@@ -571,14 +571,32 @@ def lora_finetune() -> Callable[..., tuple[Any, dict[str, Any]]]:
     return importlib.import_module(target.rpartition(".")[0]).train_lora
 
 
+#: the recipe options of the LoRA mimic that the positive control takes from :data:`LORA_MIMIC_CONFIG`
+LORA_RECIPE_KEYS = ("rank", "steps", "lr", "batch_size")
+
+
+def lora_recipe(**overrides: Any) -> dict[str, Any]:
+    """The LoRA mimic's recipe (rank, steps, lr, batch size) as :data:`LORA_MIMIC_CONFIG` sets it for every
+    audit, with the ``overrides`` that are not None: the positive control finetunes as the audits' mimic does
+    unless told otherwise. An override that is not a recipe option is an error naming it."""
+    unknown = sorted(set(overrides) - set(LORA_RECIPE_KEYS))
+    if unknown:
+        raise ValueError(f"not a LoRA recipe option: {', '.join(unknown)} (options: {', '.join(LORA_RECIPE_KEYS)})")
+    cfg = OmegaConf.load(LORA_MIMIC_CONFIG)
+    recipe = {k: cfg[k] for k in LORA_RECIPE_KEYS}
+    recipe.update({k: v for k, v in overrides.items() if v is not None})
+    return recipe
+
+
 def evaluate_lora(
     pipe: Any,
     clf: ZeroShotClassifier,
     artists: Sequence[str] | None = None,
     train_images: int = 16,
-    steps: int = 400,
-    rank: int = 8,
-    lr: float = 3e-3,
+    steps: int | None = None,
+    rank: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
     seeds: int = 4,
     finetune_seeds: int = LORA_CONTROL_SEEDS,
     seed: int = 0,
@@ -590,8 +608,11 @@ def evaluate_lora(
     after each finetune. Training images are the ``posted`` split (no shipped model saw them) of the first 8
     subjects (``train_images // 8`` each); the last 2 subjects are unseen. The samples use the same seeds for
     every finetune, so the seeds' spread is the finetune's. ``artists``: None for :func:`audited_artists`.
+    ``steps``, ``rank``, ``lr``, ``batch_size``: None for the audits' LoRA recipe (:func:`lora_recipe`); the
+    settings record whether the recipe is the audits' (``audit_recipe``).
     """
     train_lora = lora_finetune()
+    recipe = lora_recipe(steps=steps, rank=rank, lr=lr, batch_size=batch_size)
     artists = audited_artists() if artists is None else list(artists)
     size = pipeline_side(pipe)
     subjects_of = [s for s in SUBJECTS for _ in range(seeds)]
@@ -607,9 +628,7 @@ def evaluate_lora(
         after, unseen, seconds, losses = [], [], [], []
         for k in range(finetune_seeds):
             t0 = time.time()
-            tuned, record = train_lora(
-                pipe, train, rank=rank, steps=steps, lr=lr, seed=derive_seed(seed, f"lora/{a}/{k}")
-            )
+            tuned, record = train_lora(pipe, train, **recipe, seed=derive_seed(seed, f"lora/{a}/{k}"))
             seconds.append(round(time.time() - t0, 1))
             pred = clf.predict(generate(tuned, prompts, sample_seed))
             after.append(round(float(np.mean([p == a for p in pred])), 4))
@@ -630,9 +649,8 @@ def evaluate_lora(
         "train_images": train_images,
         "split": "posted",
         "size_px": size,
-        "steps": steps,
-        "rank": rank,
-        "lr": lr,
+        **recipe,
+        "audit_recipe": recipe == lora_recipe(),
         "finetune_seeds": finetune_seeds,
         "samples_per_artist": len(SUBJECTS) * seeds,
         "threads": torch.get_num_threads(),
