@@ -351,32 +351,70 @@ class PurifyStage(Stage):
 
 class BudgetStage(Stage):
     """The protection's realised budget, and how far the purifier moved the images from the clean ones, in
-    pixels and in the model's latent space (computed every run: cheap, and never cached)."""
+    pixels and in the model's latent space. Cached as JSON like the measures, keyed by the purified images' key
+    (which chains the protected and the clean images' keys), the model whose autoencoder gives the latent
+    distance and the metrics' versions; it keeps no record of its own, so a row's stage keys are what they were
+    before it was cached (its values are the same: computed or read back)."""
 
     def applies(self, s: RunState) -> bool:
         # a defense that publishes another set (instance encodings) has no per-image perturbation to measure
         return s.images["protected"].ids == s.images["clean"].ids
 
+    def key(self, s: RunState) -> str:
+        exp = s.exp
+        model = None
+        if exp.model is not None:
+            model = exp.model.key_dict() if hasattr(exp.model, "key_dict") else exp.configs.get("model")
+        versions = {n: m.version for n, m in budget_metrics().items()} | {"latent_l2": LatentDistance.version}
+        return stage_key(
+            "budget", {"purify": s.records["purify"].key}, {"model": model}, canonical_json(versions), None
+        )
+
     def run(self, s: RunState) -> None:
+        key, t0 = self.key(s), time.perf_counter()
+        art = s.store.get("budget", key)
+        if art is not None:
+            measured = art.meta()
+            measured["per_image"] = {k: [float(x) for x in v] for k, v in measured["per_image"].items()}
+        else:
+            measured = self.measure(s)
+            s.store.put("budget", key, lambda f: (Path(f) / "meta.json").write_text(canonical_json(measured)))
+        state = "cached" if art is not None else "computed"
+        log.info("%-11s %-24s %-9s (key %s, %.2f s)", "budget", "", state, key[:12], time.perf_counter() - t0)
+        s.per_image.update(measured["per_image"])
+        s.higher.update(measured["higher_is_better"])
+
+    @staticmethod
+    def measure(s: RunState) -> dict[str, Any]:
         clean, protected, purified = s.images["clean"], s.images["protected"], s.images["purified"]
+        per_image: dict[str, list[float]] = {}
+        higher: dict[str, bool] = {}
+        # no purifier: the purified images are the protected ones, and so are their distances
+        unpurified = purified.ids == protected.ids and torch.equal(purified.images, protected.images)
         for name, metric in budget_metrics().items():
-            pairs = [("budget", protected)] + ([("purified", purified)] if name in ("psnr", "ssim") else [])
-            for prefix, images in pairs:  # at the size of the stage's images
-                s.per_image[f"{prefix}/{name}"] = metric(images, clean.resized(_side(images))).tolist()
-                s.higher[f"{prefix}/{name}"] = metric.higher_is_better
+            per_image[f"budget/{name}"] = metric(protected, clean.resized(_side(protected))).tolist()
+            higher[f"budget/{name}"] = metric.higher_is_better
+            if name in ("psnr", "ssim"):  # at the size of the stage's images
+                per_image[f"purified/{name}"] = (
+                    list(per_image[f"budget/{name}"])
+                    if unpurified
+                    else metric(purified, clean.resized(_side(purified))).tolist()
+                )
+                higher[f"purified/{name}"] = metric.higher_is_better
         vae = _model_vae(s.ctx) if s.exp.model is not None else None
-        if vae is None:
-            return
-        latent = LatentDistance(vae, s.ctx.batch_size)
-        side = int(s.exp.model.resolution) if getattr(s.exp.model, "resolution", None) else _side(clean)
-        clean, protected, purified = (x.resized(side) for x in (clean, protected, purified))
-        before, after = latent(protected, clean), latent(purified, clean)
-        s.per_image["budget/latent_l2"], s.per_image["purified/latent_l2"] = before.tolist(), after.tolist()
-        # 1: the purifier left the protection's latent shift as it was; 0: it removed it; nan without a shift
-        ratio = torch.where(before > 1e-9, after / before.clamp_min(1e-9), torch.full_like(before, float("nan")))
-        s.per_image["purified/latent_l2_ratio"] = ratio.tolist()
-        for k in ("budget/latent_l2", "purified/latent_l2", "purified/latent_l2_ratio"):
-            s.higher[k] = False
+        if vae is not None:
+            latent = LatentDistance(vae, s.ctx.batch_size)
+            side = int(s.exp.model.resolution) if getattr(s.exp.model, "resolution", None) else _side(clean)
+            clean, protected, purified = (x.resized(side) for x in (clean, protected, purified))
+            before = latent(protected, clean)
+            after = before.clone() if unpurified else latent(purified, clean)
+            per_image["budget/latent_l2"], per_image["purified/latent_l2"] = before.tolist(), after.tolist()
+            # 1: the purifier left the protection's latent shift as it was; 0: it removed it; nan without a shift
+            ratio = torch.where(before > 1e-9, after / before.clamp_min(1e-9), torch.full_like(before, float("nan")))
+            per_image["purified/latent_l2_ratio"] = ratio.tolist()
+            for k in ("budget/latent_l2", "purified/latent_l2", "purified/latent_l2_ratio"):
+                higher[k] = False
+        return {"per_image": per_image, "higher_is_better": higher}
 
 
 class MimicStage(Stage):

@@ -52,7 +52,7 @@ def sweep(tmp_path_factory):
 
 
 def test_sweep_writes_eight_rows_and_tables(sweep):
-    results, _ = sweep
+    results, cache = sweep
     got = rows(results)
     assert len(got) == 8
     for row in got.values():
@@ -67,6 +67,8 @@ def test_sweep_writes_eight_rows_and_tables(sweep):
                 assert all(abs(v - 1) < 1e-6 for v in row["per_image"]["purified/latent_l2_ratio"])
         else:
             assert all(v != v for v in row["per_image"]["purified/latent_l2_ratio"])  # nan: nothing to undo
+    # the budget is cached once per purified image set (the key its values depend on), beside the stages
+    assert len(list((cache / "budget").glob("*/*/meta.json"))) == len({r["stage_keys"]["purify"] for r in got.values()})
     summary = (results / "tables" / "summary.csv").read_text().strip().splitlines()
     assert len(summary) == 1 + 4 + 2  # header + defense x purifier x mimic + the best-of row per defense
     assert sum("best-of (2)" in line for line in summary) == 2
