@@ -373,12 +373,14 @@ class BudgetStage(Stage):
     def run(self, s: RunState) -> None:
         key, t0 = self.key(s), time.perf_counter()
         art = s.store.get("budget", key)
-        if art is not None:
+        if art is not None:  # canonical JSON sorts keys: back in the order they were measured, as rows list them
             measured = art.meta()
-            measured["per_image"] = {k: [float(x) for x in v] for k, v in measured["per_image"].items()}
+            measured["per_image"] = {k: [float(x) for x in measured["per_image"][k]] for k in measured["order"]}
+            measured["higher_is_better"] = {k: measured["higher_is_better"][k] for k in measured["order"]}
         else:
             measured = self.measure(s)
-            s.store.put("budget", key, lambda f: (Path(f) / "meta.json").write_text(canonical_json(measured)))
+            stored = {**measured, "order": list(measured["per_image"])}
+            s.store.put("budget", key, lambda f: (Path(f) / "meta.json").write_text(canonical_json(stored)))
         state = "cached" if art is not None else "computed"
         log.info("%-11s %-24s %-9s (key %s, %.2f s)", "budget", "", state, key[:12], time.perf_counter() - t0)
         s.per_image.update(measured["per_image"])
