@@ -219,9 +219,8 @@ def _evaluate_lora_recipe(args: argparse.Namespace, clf: Any, stamp: dict[str, A
 
     def same(t: dict[str, Any]) -> bool:
         keys = (*ev.LORA_RECIPE_KEYS, "finetune_seeds")
-        artists = sorted(k for k, v in t.items() if isinstance(v, dict) and "accuracy_after" in v)
-        mine = sorted(k for k, v in trial.items() if isinstance(v, dict) and "accuracy_after" in v)
-        return artists == mine and all(t["settings"].get(k) == trial["settings"][k] for k in keys)
+        same_artists = sorted(ev.control_artists(t)) == sorted(ev.control_artists(trial))
+        return same_artists and all(t["settings"].get(k) == trial["settings"][k] for k in keys)
 
     trials = [t for t in figures.get("lora_recipe_trials", []) if not same(t)] + [trial]
     trials.sort(key=lambda t: tuple(str(t["settings"].get(k)) for k in ev.LORA_RECIPE_KEYS))

@@ -233,7 +233,7 @@ def _lora_trials(trials: list[dict[str, Any]]) -> list[str]:
     recipe and artist, the positive control's figures with the recipe that gave them."""
     if not trials:
         return []
-    from harness.zoo.evaluate import LORA_RECIPE_KEYS
+    from harness.zoo.evaluate import LORA_RECIPE_KEYS, control_artists
 
     lines = [
         "",
@@ -248,12 +248,12 @@ def _lora_trials(trials: list[dict[str, Any]]) -> list[str]:
     ]
     for t in trials:
         recipe = " | ".join(str(t["settings"].get(k)) for k in LORA_RECIPE_KEYS)
-        for a, row in t.items():
-            if isinstance(row, dict) and "accuracy_after" in row:
-                lines.append(
-                    f"| {a} | {recipe} | {row['accuracy_after']} | {row['accuracy_after_per_finetune_seed']} | "
-                    f"{max(row['train_seconds_per_finetune_seed'])} s on {t.get('device')} | {t.get('measured_on')} |"
-                )
+        for a in control_artists(t):
+            row = t[a]
+            lines.append(
+                f"| {a} | {recipe} | {row['accuracy_after']} | {row['accuracy_after_per_finetune_seed']} | "
+                f"{max(row['train_seconds_per_finetune_seed'])} s on {t.get('device')} | {t.get('measured_on')} |"
+            )
     return lines
 
 
@@ -269,6 +269,7 @@ def _unet_targets() -> list[str]:
         LORA_CONTROL_SECONDS,
         LORA_CONTROL_SEEDS,
         LORA_CONTROL_TARGET,
+        control_artists,
         lora_control_met,
     )
 
@@ -286,8 +287,7 @@ def _unet_targets() -> list[str]:
         rows.append("| edit response (same-seed edit SSIM as the latent moves 0-100% to the target) | | not measured |")
     control = sd.get("lora_positive_control", {})
     device = str(sd.get("device", "cpu"))  # where the finetunes were timed
-    artists = [a for a, v in control.items() if isinstance(v, dict) and "accuracy_after_per_finetune_seed" in v]
-    for a in artists or ["(held-out artists)"]:
+    for a in control_artists(control) or ["(held-out artists)"]:
         row = control.get(a, {})
         value = (
             f"{a}: mean {row['accuracy_after']} (per seed {row['accuracy_after_per_finetune_seed']}), "

@@ -658,6 +658,11 @@ def evaluate_lora(
     return out
 
 
+def control_artists(control: dict[str, Any]) -> list[str]:
+    """The artists a LoRA positive control (or trial) measured: its entries with per-seed style matches."""
+    return [a for a, v in control.items() if isinstance(v, dict) and "accuracy_after_per_finetune_seed" in v]
+
+
 def lora_control_met(control: dict[str, Any], artist: str, device: str = "cpu") -> bool | None:
     """Whether the positive control on ``artist`` meets the target: mean style match over its finetune seeds
     >= :data:`LORA_CONTROL_TARGET` from at least :data:`LORA_CONTROL_SEEDS` seeds, each finetune within
