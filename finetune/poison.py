@@ -19,18 +19,22 @@ pair of the mix is scored by the judge's image-text cosine similarity (tiny-clip
 the probes) and the ``filter_drop`` share with the lowest alignment is dropped, whichever part of the mix it
 comes from. Its detection figures go into the row's ``mimic_info``: of the dropped pairs, the share that were
 scraped (precision, when the scraped images are the poison) and of the scraped pairs, the share dropped (recall).
+
+The training samples latents from the VAE posteriors of the corpus and of the scraped images, each part encoded
+as one batch of its own; the corpus's are kept for the next cell of the sweep (the same corpus in every cell).
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from finetune.generate import progress_logger
-from finetune.training import OPTIMIZERS, finetune_unet, pipeline_with_unet
+from finetune.training import OPTIMIZERS, encode_posteriors, finetune_unet, pipeline_with_unet
 from harness.diffusion import generate_seeded, tokenize
 from harness.metrics.clip import ClipSpec, load_clip
 from harness.protocols import ConfigError, Context, Mimic, check_int, check_range
@@ -39,6 +43,12 @@ from harness.threat_models.poisoning import generation_id
 from harness.types import ImageSet
 
 __all__ = ["PoisonTraining"]
+
+#: VAE -> {(its weights' versions, corpus ids, shape): the corpus's posteriors}: the clean corpus is the same in
+#: every cell of a sweep, and encoding it was about a tenth of each poisoned training on CPU
+_CORPUS_POSTERIORS: weakref.WeakKeyDictionary[Any, dict[tuple, tuple[torch.Tensor, torch.Tensor]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _concepts(option: str, value: Any) -> list[str] | str:
@@ -70,7 +80,9 @@ class PoisonTraining(Mimic):
     """
 
     name = "poison_training"
-    version = "1"
+    # 2: the corpus and the scraped images are encoded as separate batches (the corpus's posteriors reused across
+    # cells); in version 1 they were one batch, and posteriors differ in their last bits with the batch
+    version = "2"
     threat_model = "poisoning"
     uses_model = True
 
@@ -166,6 +178,17 @@ class PoisonTraining(Mimic):
 
         return ProceduralArt(artists="train", per_pair=self.corpus_per_pair, size=side, split="train").load()
 
+    def corpus_posteriors(self, pipe: Any, corpus: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clean corpus's VAE posteriors (:func:`finetune.training.encode_posteriors`, the corpus as one
+        batch), kept per VAE object and its weights' versions for the cells after the first."""
+        vae = pipe.vae
+        memo = _CORPUS_POSTERIORS.setdefault(vae, {})
+        key = (tuple(p._version for p in vae.parameters()), corpus.ids, tuple(corpus.images.shape))
+        if key not in memo:
+            memo.clear()
+            memo[key] = encode_posteriors(pipe, corpus.images)
+        return memo[key]
+
     def filter_pairs(self, mix: ImageSet, scraped_ids: set[str], ctx: Context) -> tuple[ImageSet, dict[str, float]]:
         """The trainer's caption-alignment filter: ``mix`` without the ``filter_drop`` share of its pairs whose
         caption the judge finds least aligned with the image, and the filter's figures (the positives being
@@ -217,9 +240,20 @@ class PoisonTraining(Mimic):
         scraped = ImageSet(images.images[:count], images.ids[:count], images.captions[:count]) if count else None
         corpus = self.corpus(images.size[0])
         mix = corpus if scraped is None else ImageSet.concat([corpus, scraped])
+        # the posteriors the training samples latents from: the corpus's (the same in every cell, so encoded once
+        # per process) and the scraped images', each part always encoded as one batch of its own, so that a
+        # cell's result does not depend on what ran before it
+        parts = [self.corpus_posteriors(pipe, corpus)]
+        if scraped is not None:
+            parts.append(encode_posteriors(pipe, scraped.images))
+        halves = [(m[: len(m) // 2], m[len(m) // 2 :], s[: len(s) // 2], s[len(s) // 2 :]) for m, s in parts]
+        means, flip_means, stds, flip_stds = (torch.cat([h[k] for h in halves]) for k in range(4))
         info: dict[str, float] = {}
         if self.filter_drop > 0:
+            position = {i: k for k, i in enumerate(mix.ids)}
             mix, info = self.filter_pairs(mix, set(scraped.ids) if scraped is not None else set(), ctx)
+            keep = torch.tensor([position[i] for i in mix.ids], dtype=torch.long)
+            means, flip_means, stds, flip_stds = (t[keep] for t in (means, flip_means, stds, flip_stds))
         unet = copy.deepcopy(pipe.unet).float().requires_grad_(True)
         finetune_unet(
             pipe,
@@ -234,5 +268,6 @@ class PoisonTraining(Mimic):
             ema_decay=self.ema_decay,
             log=progress_logger(ctx, self.steps, "poison training"),
             optimizer=self.optimizer,
+            posteriors=(torch.cat([means, flip_means]), torch.cat([stds, flip_stds])),
         )
         return pipeline_with_unet(pipe, unet), info

@@ -11,11 +11,7 @@ swapped in at the end.
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import math
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,74 +34,28 @@ class PriorImages:
     weight: float = 1.0
 
 
-class PosteriorMemo:
-    """The VAE posterior (mean, std) of each training image and of its horizontal flip, kept across finetunes.
-
-    The cells of a sweep train on many of the same images (the clean corpus of every poisoned training, the clean
-    images of every positive control), and encoding them is a fixed cost of each finetune (about a tenth of a
-    poisoned training on CPU). Entries are keyed by the VAE object, the version counters of its parameters (an
-    in-place change of a weight invalidates them) and a digest of the image's bytes; only the images not yet
-    seen are encoded, in one batch as before. On CPU an image's posterior does not depend on the batch it is
-    encoded in (``tests/test_finetune_training.py`` checks it), so finetunes and their results are the same
-    with or without the memo. Entries live on the CPU, least recently used dropped past ``max_bytes``.
-    """
-
-    def __init__(self, max_bytes: int = 256 * 2**20):
-        self.max_bytes = max_bytes
-        self.entries: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
-        self.nbytes = 0
-        self.encoded = 0  # images encoded (a flip not counted), for tests and benchmarks
-        self.tokens: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-        self.counter = itertools.count()
-
-    def _vae_key(self, vae: Any) -> tuple:
-        # a token per VAE object, held weakly: a new (or copied) VAE never inherits another's entries
-        token = self.tokens.get(vae)
-        if token is None:
-            token = self.tokens[vae] = next(self.counter)
-        return (token, tuple(p._version for p in vae.parameters()), str(vae.dtype))
-
-    def posteriors(self, vae: Any, images: torch.Tensor, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """(means, stds) of ``images`` followed by their flips, as one batched encode would give them."""
-        vae_key = self._vae_key(vae)
-        cpu = images.detach().float().cpu().contiguous()
-        keys = [(vae_key, tuple(img.shape), hashlib.sha1(img.numpy().tobytes()).digest()) for img in cpu]
-        missing, pending = [], set()  # the first position of each image not in the memo
-        for i, k in enumerate(keys):
-            if k not in self.entries and k not in pending:
-                pending.add(k)
-                missing.append(i)
-        if missing:
-            with torch.no_grad():
-                x = images[missing].to(device, vae.dtype) * 2 - 1
-                post = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist
-                mean, std = post.mean.float().cpu(), post.std.float().cpu()
-            n = len(missing)
-            for j, i in enumerate(missing):
-                entry = (mean[j].clone(), std[j].clone(), mean[n + j].clone(), std[n + j].clone())
-                self.entries[keys[i]] = entry
-                self.nbytes += sum(t.numel() * t.element_size() for t in entry)
-            self.encoded += n
-        for k in keys:
-            self.entries.move_to_end(k)
-        got = [self.entries[k] for k in keys]
-        while self.nbytes > self.max_bytes and len(self.entries) > len(set(keys)):
-            _, old = self.entries.popitem(last=False)
-            self.nbytes -= sum(t.numel() * t.element_size() for t in old)
-        means = torch.stack([e[0] for e in got] + [e[2] for e in got]).to(device)
-        stds = torch.stack([e[1] for e in got] + [e[3] for e in got]).to(device)
-        return means, stds
-
-
-#: the process's memo of training images' posteriors (one sweep's cells run in one process)
-POSTERIORS = PosteriorMemo()
-
-
-def _encode(pipe: Any, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, ...]:
+def encode_posteriors(pipe: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior (means, stds) of ``images`` followed by their horizontal flips, encoded as one batch: the
+    layout :func:`finetune_unet` trains on. (An image's posterior can differ in its last bits with the batch it
+    was encoded in, so a caller that caches posteriors must always encode the same batch.)"""
     vae, device = pipe.vae, pipe.unet.device
-    means, stds = POSTERIORS.posteriors(vae, images, device)
     with torch.no_grad():
-        tokens = tokenize(pipe.tokenizer, list(prompts) * 2).to(device)
+        x = images.to(device, vae.dtype) * 2 - 1
+        post = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist
+    return post.mean.float(), post.std.float()
+
+
+def _encode(
+    pipe: Any,
+    images: torch.Tensor,
+    prompts: Sequence[str],
+    posteriors: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    means, stds = posteriors if posteriors is not None else encode_posteriors(pipe, images)
+    if means.shape[0] != 2 * len(images):
+        raise ValueError(f"posteriors for {means.shape[0] // 2} images given for {len(images)} training images")
+    with torch.no_grad():
+        tokens = tokenize(pipe.tokenizer, list(prompts) * 2).to(pipe.unet.device)
         cond = pipe.text_encoder(tokens)[0].float()
     return means, stds, cond
 
@@ -156,14 +106,18 @@ def finetune_unet(
     ema_decay: float | None = None,
     log: Callable[[int, float], None] | None = None,
     optimizer: str = "adamw",
+    posteriors: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> float:
     """Train ``params`` of ``unet`` (a copy of the pipeline's UNet) on ``images`` with ``prompts``.
+
+    ``posteriors``: the images' VAE posteriors laid out as :func:`encode_posteriors` gives them, when the caller
+    has them (computed here otherwise).
 
     Returns the last step's loss. With ``ema_decay`` the parameters end as their exponential moving average.
     """
     gen = make_generator(seed)
     opt = make_optimizer(optimizer, params, lr)
-    means, stds, cond = _encode(pipe, images.images, prompts)
+    means, stds, cond = _encode(pipe, images.images, prompts, posteriors)
     prior_enc = _encode(pipe, prior.images, [prior.prompt] * len(prior.images)) if prior is not None else None
     ema = [p.detach().clone() for p in params] if ema_decay else None
     unet.train()

@@ -345,3 +345,48 @@ def test_generation_grid_shows_one_image_per_artist_and_only_the_source_probes()
     ids += [generation_id("source", "house", "a", 1), generation_id("source", "house", "b", 0)]
     probes = ImageSet(torch.rand(4, 3, 8, 8), ids, ["p"] * 4)
     assert one_per_artist(probes).ids == (ids[1], ids[3])
+
+
+def test_poison_training_posteriors_follow_the_mix_and_do_not_depend_on_earlier_cells(monkeypatch):
+    """The training's posteriors come from the corpus (encoded once per process) and the scraped images (each part
+    one batch of its own): after the filter, each kept pair's posterior and its flip's sit where the loop expects
+    them (checked against each image encoded alone), and a cell trains the same UNet whether another cell (other
+    scraped images) ran before it or not."""
+    import finetune.poison as poison
+    from harness.world import ProceduralArt
+
+    monkeypatch.setattr(poison, "load_clip", lambda spec, device="cpu": _ColourJudge())
+    monkeypatch.setattr(poison, "_CORPUS_POSTERIORS", type(poison._CORPUS_POSTERIORS)())
+    ctx = Context(device="cpu", batch_size=4, model=ModelSpec(source="tiny-random", resolution=32))
+    pipe = ctx.pipeline("text2img")
+    scraped = ProceduralArt(artists="train", subjects=["house"], per_pair=1, size=32, split="posted").load()
+    other = ProceduralArt(artists="train", subjects=["house"], per_pair=2, size=32, split="posted").load()
+    other = ImageSet(other.images[1::2], other.ids[1::2], other.captions[1::2])
+    seen, encoded = [], []
+    real_train, real_encode = poison.finetune_unet, poison.encode_posteriors
+
+    def spy_train(pipe, unet, params, data, captions, **kw):
+        seen.append((data, kw["posteriors"]))
+        return real_train(pipe, unet, params, data, captions, **kw)
+
+    def spy_encode(pipe, images):
+        encoded.append(len(images))
+        return real_encode(pipe, images)
+
+    monkeypatch.setattr(poison, "finetune_unet", spy_train)
+    monkeypatch.setattr(poison, "encode_posteriors", spy_encode)
+    mimic = poison.PoisonTraining(poison_count=4, corpus_per_pair=1, steps=2, batch_size=4, filter_drop=0.3)
+    unets = []
+    for images in (scraped, other, scraped):
+        unets.append(torch.cat([p.flatten() for p in mimic.train(images, make_generator(0), ctx)[0].unet.parameters()]))
+    n_corpus = len(mimic.corpus(32))
+    assert encoded == [n_corpus, 4, 4, 4]  # the corpus once, each cell's scraped images in a batch of their own
+    assert torch.equal(unets[0], unets[2]) and not torch.equal(unets[0], unets[1])
+    data, (means, stds) = seen[0]
+    n = len(data)
+    assert n == n_corpus + 4 - round(0.3 * (n_corpus + 4)) and means.shape[0] == stds.shape[0] == 2 * n
+    with torch.no_grad():
+        alone = pipe.vae.encode(data.images * 2 - 1).latent_dist
+        flipped = pipe.vae.encode(data.images.flip(-1) * 2 - 1).latent_dist
+    assert torch.allclose(means[:n], alone.mean, atol=1e-5) and torch.allclose(stds[:n], alone.std, atol=1e-5)
+    assert torch.allclose(means[n:], flipped.mean, atol=1e-5) and torch.allclose(stds[n:], flipped.std, atol=1e-5)
