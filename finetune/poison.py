@@ -81,7 +81,8 @@ class PoisonTraining(Mimic):
 
     name = "poison_training"
     # 2: the corpus and the scraped images are encoded as separate batches (the corpus's posteriors reused across
-    # cells); in version 1 they were one batch, and posteriors differ in their last bits with the batch
+    # cells); in version 1 they were one batch. The experiment's 42 rows came out the same under both, but a
+    # convolution library does not promise batch-independent results, so the version says the encoding changed
     version = "2"
     threat_model = "poisoning"
     uses_model = True

@@ -36,8 +36,9 @@ class PriorImages:
 
 def encode_posteriors(pipe: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE posterior (means, stds) of ``images`` followed by their horizontal flips, encoded as one batch: the
-    layout :func:`finetune_unet` trains on. (An image's posterior can differ in its last bits with the batch it
-    was encoded in, so a caller that caches posteriors must always encode the same batch.)"""
+    layout :func:`finetune_unet` trains on. (A convolution library does not promise that an image's posterior is
+    the same bit for bit in every batch, so a caller that keeps posteriors for later finetunes keeps whole
+    batches, as :mod:`finetune.poison` does for its corpus.)"""
     vae, device = pipe.vae, pipe.unet.device
     with torch.no_grad():
         x = images.to(device, vae.dtype) * 2 - 1
