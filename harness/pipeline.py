@@ -190,12 +190,30 @@ def _check_same_layout(stage: str, before: ImageSet, after: ImageSet) -> None:
         )
 
 
+def _model_key(exp: Experiment) -> Any:
+    """What a key records of the experiment's model (None without one)."""
+    if exp.model is None:
+        return None
+    return exp.model.key_dict() if hasattr(exp.model, "key_dict") else exp.configs.get("model")
+
+
+def _json_artifact(s: RunState, stage: str, key: str, compute: Callable[[], dict[str, Any]]) -> tuple[dict, bool]:
+    """A stage's values kept in the store as canonical JSON: (the values, whether they were read back), computed
+    with ``compute`` and stored when absent. Canonical JSON sorts keys and writes a non-finite float as its repr."""
+    art = s.store.get(stage, key)
+    if art is not None:
+        return art.meta(), True
+    values = compute()
+    s.store.put(stage, key, lambda f: (Path(f) / "meta.json").write_text(canonical_json(values)))
+    return values, False
+
+
 def _model_cfg(component: Any, exp: Experiment) -> dict[str, Any]:
     """What a stage key adds for ``component``: the model it uses, and the content it reads from outside the
     config (``cache_token()``, e.g. the digest of an external defense's folder)."""
     extra: dict[str, Any] = {}
     if getattr(component, "uses_model", False) and exp.model is not None:
-        extra["model"] = exp.model.key_dict() if hasattr(exp.model, "key_dict") else exp.configs.get("model")
+        extra["model"] = _model_key(exp)
     token = getattr(component, "cache_token", None)
     if callable(token):
         extra["content"] = token()
@@ -361,27 +379,23 @@ class BudgetStage(Stage):
         return s.images["protected"].ids == s.images["clean"].ids
 
     def key(self, s: RunState) -> str:
-        exp = s.exp
-        model = None
-        if exp.model is not None:
-            model = exp.model.key_dict() if hasattr(exp.model, "key_dict") else exp.configs.get("model")
         versions = {n: m.version for n, m in budget_metrics().items()} | {"latent_l2": LatentDistance.version}
         return stage_key(
-            "budget", {"purify": s.records["purify"].key}, {"model": model}, canonical_json(versions), None
+            "budget", {"purify": s.records["purify"].key}, {"model": _model_key(s.exp)}, canonical_json(versions), None
         )
 
     def run(self, s: RunState) -> None:
         key, t0 = self.key(s), time.perf_counter()
-        art = s.store.get("budget", key)
-        if art is not None:  # canonical JSON sorts keys: back in the order they were measured, as rows list them
-            measured = art.meta()
-            measured["per_image"] = {k: [float(x) for x in measured["per_image"][k]] for k in measured["order"]}
-            measured["higher_is_better"] = {k: measured["higher_is_better"][k] for k in measured["order"]}
-        else:
+
+        def compute() -> dict[str, Any]:
             measured = self.measure(s)
-            stored = {**measured, "order": list(measured["per_image"])}
-            s.store.put("budget", key, lambda f: (Path(f) / "meta.json").write_text(canonical_json(stored)))
-        state = "cached" if art is not None else "computed"
+            return {**measured, "order": list(measured["per_image"])}
+
+        measured, cached = _json_artifact(s, "budget", key, compute)
+        # back in the order they were measured (canonical JSON sorts keys), as rows list them
+        measured["per_image"] = {k: [float(x) for x in measured["per_image"][k]] for k in measured["order"]}
+        measured["higher_is_better"] = {k: measured["higher_is_better"][k] for k in measured["order"]}
+        state = "cached" if cached else "computed"
         log.info("%-11s %-24s %-9s (key %s, %.2f s)", "budget", "", state, key[:12], time.perf_counter() - t0)
         s.per_image.update(measured["per_image"])
         s.higher.update(measured["higher_is_better"])
@@ -533,19 +547,14 @@ class MeasureStage(Stage):
         exp = s.exp
         k_measure = self.key(s)
         t0 = time.perf_counter()
-        art = s.store.get("measure", k_measure)
-        if art is not None:
-            measured = art.meta()
-            # canonical JSON stores a non-finite value (a refused FID: NaN) as its repr; float() reads it back
+        measured, cached = _json_artifact(s, "measure", k_measure, lambda: self.measure(s))
+        if cached:  # canonical JSON stores a non-finite value (a refused FID: NaN) as its repr; float() reads it back
             measured["per_image"] = {k: [float(x) for x in v] for k, v in measured["per_image"].items()}
             measured["per_set"] = {k: float(v) for k, v in measured.get("per_set", {}).items()}
-        else:
-            measured = self.measure(s)
-            s.store.put("measure", k_measure, lambda f: (Path(f) / "meta.json").write_text(canonical_json(measured)))
         dt = time.perf_counter() - t0
-        state = "cached" if art is not None else "computed"
+        state = "cached" if cached else "computed"
         log.info("%-11s %-24s %-9s (key %s, %.2f s)", "measure", ",".join(exp.metrics), state, k_measure[:12], dt)
-        s.records["measure"] = StageRecord("measure", k_measure, art is not None, dt, dt, None)
+        s.records["measure"] = StageRecord("measure", k_measure, cached, dt, dt, None)
         s.per_image.update(measured["per_image"])
         s.per_set.update(measured.get("per_set", {}))
         s.higher.update(measured["higher_is_better"])
