@@ -53,6 +53,10 @@ def test_model_cards_carry_training_record_and_measured_figures(model):
     assert "## Measured quality" in card and "## Training" in card
     for record in training:
         assert f"| steps | {record['steps']} |" in card
+        more = record.get("second_stage")
+        if more:  # the warm restart's steps are part of the shipped weights' training: the card shows them
+            block = card.split(f"### stage `{record['stage']}`")[1].split("### stage")[0]
+            assert f"| steps | {more['steps']} |" in block and f"| lr | {more['lr']} |" in block
     # the card is the one cards.card() writes from these files (never edited by hand)
     from harness.zoo.cards import card as write_card
 

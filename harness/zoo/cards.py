@@ -107,6 +107,13 @@ def _flatten(prefix: str, value: Any, out: list[tuple[str, Any]]) -> None:
         out.append((prefix, value))
 
 
+def _last_logged(record: dict[str, Any]) -> list[str]:
+    if not record.get("history"):
+        return []
+    last = record["history"][-1]
+    return ["", "Last logged step: " + ", ".join(f"{k} {v}" for k, v in last.items())]
+
+
 def _weights_mb(folder: Path) -> float:
     files = list(folder.rglob("*.safetensors"))
     return sum(f.stat().st_size for f in files) / 2**20
@@ -132,9 +139,18 @@ def card(model: str) -> str:
         lines += _table([(k, record[k]) for k in _TRAIN_KEYS if k in record])
         if "artists" in record:
             lines += ["", "Artists: " + ", ".join(record["artists"])]
-        if record.get("history"):
-            last = record["history"][-1]
-            lines += ["", "Last logged step: " + ", ".join(f"{k} {v}" for k, v in last.items())]
+        lines += _last_logged(record)
+        more = record.get("second_stage")
+        if more:
+            lines += [
+                "",
+                "Then a warm restart (its own checkpoint): a second cosine schedule from its own learning rate "
+                "with a fresh optimiser, continuing the weights above and their average. The shipped weights are "
+                "the average after both.",
+                "",
+                *_table([(k, more[k]) for k in _TRAIN_KEYS if k in more]),
+                *_last_logged(more),
+            ]
         lines.append("")
     if not training:
         lines += ["(no training record: this folder was not produced by `python -m harness.zoo train`)", ""]

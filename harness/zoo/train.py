@@ -965,7 +965,9 @@ def train_sd(
     }
     if more:
         extra["second_stage"] = {
-            k: more[k] for k in ("steps", "lr", "seconds", "resumed_from_step", "threads", "history")
+            k: more[k]
+            for k in ("steps", "lr", "seconds", "resumed_from_step", "device", "threads", "history")
+            if k in more
         }
     return _write_record(work, first, seed, batch, dev, **extra)
 
