@@ -161,9 +161,14 @@ def compose_config(overrides: Sequence[str]) -> tuple[DictConfig, dict[str, str]
 def run_id(result: RunResult, labels: Mapping[str, str] | None = None) -> str:
     """The row's id: a hash of its stage keys, and for a control also of the control and the defense it serves
     (the clean control of two protections has the same stages but belongs to two audits)."""
-    key: Any = result.stage_keys
+    return row_id(result.stage_keys, labels)
+
+
+def row_id(stage_keys: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> str:
+    """:func:`run_id` from the stage keys a row records."""
+    key: Any = dict(stage_keys)
     if labels and labels.get("control"):
-        key = {"stage_keys": result.stage_keys, "control": labels["control"], "defense": labels.get("defense")}
+        key = {"stage_keys": key, "control": labels["control"], "defense": labels.get("defense")}
     return hashlib.sha256(canonical_json(key).encode()).hexdigest()[:20]
 
 
@@ -352,6 +357,47 @@ def reusable_row(
     return None
 
 
+def relabelled_row(
+    cfg: DictConfig,
+    exp: Experiment,
+    labels: Mapping[str, str],
+    control: str | None,
+    runs: Path,
+    row_extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """For a clean or floor control, which does not run the configured defense: a row in ``runs`` of the same
+    control for another defense whose stage keys and control record are this run's (the clean control of Mist
+    and of ASPL train the same finetune on the same clean art). Its results are what this run would compute;
+    the cache would serve every stage. Returned as this cell's row (its labels, config and id) with
+    ``results_of`` naming the row that computed them, whose ``created`` and ``provenance`` it keeps. None when
+    no row qualifies, and always for the defense itself and its noise control (their results depend on it)."""
+    if control not in ("clean", "floor") or not runs.is_dir():
+        return None
+    planned, info = as_control(cfg, exp, control, None, None)  # type: ignore[arg-type]
+    keys = planned_keys(planned)
+    for path in sorted(runs.glob("*.json")):
+        try:
+            row = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(row, dict) or row.get("seed") != exp.seed or row.get("stage_keys") != keys:
+            continue
+        if (row.get("labels") or {}).get("control") != control or row.get("control") != info:
+            continue
+        if row_extra and any(row.get(k) != v for k, v in row_extra.items()):
+            continue
+        source = row.get("results_of") or row["run_id"]
+        return {
+            **row,
+            "run_id": row_id(keys, labels),
+            "labels": dict(labels),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "results_of": source,
+            **(row_extra or {}),
+        }
+    return None
+
+
 def row_planned_keys(cfg: DictConfig, exp: Experiment, control: str | None, row: Mapping[str, Any]) -> dict | None:
     """The stage keys today's code gives ``exp`` as ``row`` ran it: a control of it (a noise control at the
     realised budget the row records), computed without running anything. None for a noise row that records no
@@ -406,6 +452,17 @@ def run_from_config(
         if reused is not None:
             log.info("row %s reused: its stage keys are this run's (runtime.reuse_rows)", reused["run_id"])
             return reused
+        shared = relabelled_row(cfg, exp, labels, control, Path(rt.results_dir) / "runs", row_extra)
+        if shared is not None:
+            path = Path(rt.results_dir) / "runs" / f"{shared['run_id']}.json"
+            atomic_write_text(path, json.dumps(shared, indent=1, sort_keys=False, allow_nan=True) + "\n")
+            log.info(
+                "row %s: the results of row %s (the same %s control, the same stage keys; runtime.reuse_rows)",
+                path,
+                shared["results_of"],
+                control,
+            )
+            return shared
     ctx = Context(device=device, batch_size=int(rt.batch_size), model=exp.model, progress=_progress(bool(rt.progress)))
     store = ArtifactStore(rt.cache_dir)
     control_info = None

@@ -205,6 +205,29 @@ def test_reuse_rows_returns_a_committed_row_without_the_cache_and_only_when_its_
     assert "reused" not in out and any(p.is_file() for p in empty.rglob("*"))
 
 
+def test_reuse_rows_gives_a_clean_control_the_results_of_another_defenses_clean_control(tmp_path):
+    """The clean control does not run the defense: with runtime.reuse_rows=true and no cache, the clean control
+    of a second defense takes the results of the first's (same stage keys), relabelled, naming that row, and
+    computes nothing; the second defense's own row is computed, not taken from another defense."""
+    results, first_cache, empty = tmp_path / "R", tmp_path / "C1", tmp_path / "C2"
+    common = ["defense.steps=2", "model=tiny-random", "seed=3", "control=clean"]
+    run(harness_cmd(results, first_cache, "defense=photoguard_encoder", *common))
+    (source,) = rows(results).values()
+    out = run(harness_cmd(results, empty, "defense=photoguard_encoder_inpaint", *common, "runtime.reuse_rows=true"))
+    assert "the results of row" in out
+    assert not empty.exists() or not any(p.is_file() for p in empty.rglob("*"))  # nothing computed
+    (shared,) = (r for r in rows(results).values() if r["run_id"] != source["run_id"])
+    assert shared["labels"] == {**source["labels"], "defense": "photoguard_encoder_inpaint[steps=2]"}
+    assert shared["results_of"] == source["run_id"] and shared["config"]["defense"] != source["config"]["defense"]
+    assert shared["stage_keys"] == source["stage_keys"] and shared["per_image"] == source["per_image"]
+    # a second pass finds the relabelled row itself; the defense's own row is never taken from another's
+    out = run(harness_cmd(results, empty, "defense=photoguard_encoder_inpaint", *common, "runtime.reuse_rows=true"))
+    assert "reused" in out and len(rows(results)) == 2
+    own = [a for a in common if a != "control=clean"]
+    out = run(harness_cmd(results, empty, "defense=photoguard_encoder_inpaint", *own, "runtime.reuse_rows=true"))
+    assert "the results of row" not in out and "reused" not in out and any(p.is_file() for p in empty.rglob("*"))
+
+
 def test_rerun_into_another_folder_writes_the_selected_rows_there_and_leaves_the_source(sweep, tmp_path):
     """python -m harness.rerun SRC --where ... --into DST: the selected rows re-run from what their labels record
     (here all from the cache) land in DST with their tables; SRC keeps its rows as they were."""
