@@ -287,8 +287,11 @@ def controls_from_rows(
                 by_role[role] = legacy
     cs = ControlSet()
     for role in ("clean", "floor"):
-        if by_role.get(role):
-            setattr(cs, role, values_of(by_role[role], metric))
+        if sel := by_role.get(role):
+            # the attacker on the clean images as they were: a sweep that also purifies the clean art (to match
+            # each purifier's noise row) holds one clean row per purifier and seed; those are not the control
+            plain = [r for r in sel if str(r["labels"].get("purifier", "none")).split("[", 1)[0] == "none"]
+            setattr(cs, role, values_of(plain or sel, metric))
     for role in ("noise", "protected"):
         per: dict[str, list[Mapping[str, Any]]] = {}
         for r in by_role.get(role, []):

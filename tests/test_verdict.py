@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from harness.verdict import ControlSet, _ratio, best_of, judge, paired_bootstrap, values_of
+from harness.verdict import ControlSet, _ratio, best_of, controls_from_rows, judge, paired_bootstrap, values_of
 
 
 def vals(level: float, seeds=(0, 1, 2), n: int = 12, jitter: float = 0.02, phase: float = 0.0):
@@ -217,3 +217,23 @@ def test_privacy_measures_protection_from_the_positive_control_without_a_noise_r
         higher=True,
     )
     assert weak.outcome == "weak"
+
+
+def test_the_positive_control_is_the_clean_art_without_a_purifier_in_any_row_order():
+    """A sweep that purifies the clean art too (robust mimicry) holds a clean row per purifier and seed: the
+    positive control is the unpurified one, whichever order the rows come in (before, the last row of a seed
+    won: a purified clean row could stand in for the control)."""
+
+    def row(control, purifier, seed, value):
+        labels = {"defense": "mist", "purifier": purifier, "control": control, "mimic": "lora"}
+        return {"labels": labels, "seed": seed, "image_ids": ["a", "b"], "per_image": {"m/x": [value, value]}}
+
+    rows = [row("clean", p, s, v) for s in (0, 1) for p, v in (("none", 0.9), ("jpeg", 0.2), ("diffpure", 0.4))]
+    rows += [row("floor", "none", s, 0.1) for s in (0, 1)]
+    for order in (rows, rows[::-1]):
+        cs = controls_from_rows(order, "mist", "m/x")
+        assert cs.clean == {0: {"a": 0.9, "b": 0.9}, 1: {"a": 0.9, "b": 0.9}}
+        assert cs.floor == {0: {"a": 0.1, "b": 0.1}, 1: {"a": 0.1, "b": 0.1}}
+    # a sweep whose clean rows all carry one purifier keeps them
+    only = [row("clean", "jpeg", 0, 0.5)]
+    assert controls_from_rows(only, "mist", "m/x").clean == {0: {"a": 0.5, "b": 0.5}}
