@@ -341,20 +341,27 @@ def reusable_row(
     weights, so such a row is what the run would compute; the cache would serve the same stages. With
     ``runtime.reuse_rows=true`` a run returns it instead of computing: committed rows then resume a long sweep
     on a machine without the cache. None when no row qualifies."""
+    for row in _rows_of_seed(runs, exp.seed, row_extra):
+        if row.get("labels") == dict(labels) and row_planned_keys(cfg, exp, control, row) == row.get("stage_keys"):
+            return row
+    return None
+
+
+def _rows_of_seed(runs: Path, seed: int, row_extra: Mapping[str, Any] | None) -> Iterable[dict[str, Any]]:
+    """The readable rows in ``runs`` of ``seed`` that carry ``row_extra``'s fields, in file order."""
     if not runs.is_dir():
-        return None
+        return
     for path in sorted(runs.glob("*.json")):
         try:
             row = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if not isinstance(row, dict) or row.get("labels") != dict(labels) or row.get("seed") != exp.seed:
-            continue
-        if row_extra and any(row.get(k) != v for k, v in row_extra.items()):
-            continue
-        if row_planned_keys(cfg, exp, control, row) == row.get("stage_keys"):
-            return row
-    return None
+        if (
+            isinstance(row, dict)
+            and row.get("seed") == seed
+            and all(row.get(k) == v for k, v in (row_extra or {}).items())
+        ):
+            yield row
 
 
 def relabelled_row(
@@ -375,16 +382,10 @@ def relabelled_row(
         return None
     planned, info = as_control(cfg, exp, control, None, None)  # type: ignore[arg-type]
     keys = planned_keys(planned)
-    for path in sorted(runs.glob("*.json")):
-        try:
-            row = json.loads(path.read_text())
-        except (OSError, ValueError):
+    for row in _rows_of_seed(runs, exp.seed, row_extra):
+        if row.get("stage_keys") != keys or (row.get("labels") or {}).get("control") != control:
             continue
-        if not isinstance(row, dict) or row.get("seed") != exp.seed or row.get("stage_keys") != keys:
-            continue
-        if (row.get("labels") or {}).get("control") != control or row.get("control") != info:
-            continue
-        if row_extra and any(row.get(k) != v for k, v in row_extra.items()):
+        if row.get("control") != info:
             continue
         source = row.get("results_of") or row["run_id"]
         return {
