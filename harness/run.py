@@ -158,14 +158,9 @@ def compose_config(overrides: Sequence[str]) -> tuple[DictConfig, dict[str, str]
     return cfg, choices
 
 
-def run_id(result: RunResult, labels: Mapping[str, str] | None = None) -> str:
+def row_id(stage_keys: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> str:
     """The row's id: a hash of its stage keys, and for a control also of the control and the defense it serves
     (the clean control of two protections has the same stages but belongs to two audits)."""
-    return row_id(result.stage_keys, labels)
-
-
-def row_id(stage_keys: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> str:
-    """:func:`run_id` from the stage keys a row records."""
     key: Any = dict(stage_keys)
     if labels and labels.get("control"):
         key = {"stage_keys": key, "control": labels["control"], "defense": labels.get("defense")}
@@ -287,7 +282,7 @@ def as_control(
 def make_row(cfg: DictConfig, exp: Experiment, result: RunResult, labels: dict[str, str], device: str) -> dict:
     return {
         "schema": ROW_SCHEMA,
-        "run_id": run_id(result, labels),
+        "run_id": row_id(result.stage_keys, labels),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "labels": labels,
         "seed": exp.seed,
@@ -324,6 +319,13 @@ def make_row(cfg: DictConfig, exp: Experiment, result: RunResult, labels: dict[s
         "config": OmegaConf.to_container(cfg, resolve=True),
         "provenance": provenance(device),
     }
+
+
+def write_row(results_dir: Path, row: Mapping[str, Any]) -> Path:
+    """Write ``row`` as ``results_dir/runs/<run_id>.json`` (atomically) and return the path."""
+    path = results_dir / "runs" / f"{row['run_id']}.json"
+    atomic_write_text(path, json.dumps(row, indent=1, sort_keys=False, allow_nan=True) + "\n")
+    return path
 
 
 def reusable_row(
@@ -455,8 +457,7 @@ def run_from_config(
             return reused
         shared = relabelled_row(cfg, exp, labels, control, Path(rt.results_dir) / "runs", row_extra)
         if shared is not None:
-            path = Path(rt.results_dir) / "runs" / f"{shared['run_id']}.json"
-            atomic_write_text(path, json.dumps(shared, indent=1, sort_keys=False, allow_nan=True) + "\n")
+            path = write_row(Path(rt.results_dir), shared)
             log.info(
                 "row %s: the results of row %s (the same %s control, the same stage keys; runtime.reuse_rows)",
                 path,
@@ -475,8 +476,7 @@ def run_from_config(
         row["control"] = control_info
     if row_extra:
         row.update(row_extra)
-    path = Path(rt.results_dir) / "runs" / f"{row['run_id']}.json"
-    atomic_write_text(path, json.dumps(row, indent=1, sort_keys=False, allow_nan=True) + "\n")
+    path = write_row(Path(rt.results_dir), row)
     headline = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if not k.startswith("purified/"))
     n_cached = sum(r.cached for r in result.stages.values())
     log.info("row %s: %d/%d stages cached; %s", path, n_cached, len(result.stages), headline)
