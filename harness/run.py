@@ -328,24 +328,49 @@ def write_row(results_dir: Path, row: Mapping[str, Any]) -> Path:
     return path
 
 
-def reusable_row(
+def stored_row(
     cfg: DictConfig,
     exp: Experiment,
     labels: Mapping[str, str],
     control: str | None,
     runs: Path,
     row_extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any] | None:
-    """A row already in ``runs`` that this run would write again: the same labels, seed and extra fields
-    (an audit's command and role), and the same stage keys as today's code gives this config
-    (:func:`harness.pipeline.planned_keys`; a noise control takes the realised budget that row records, as
-    ``python -m harness.rerun --check-keys`` does). The keys name every stage's inputs, code versions and model
-    weights, so such a row is what the run would compute; the cache would serve the same stages. With
-    ``runtime.reuse_rows=true`` a run returns it instead of computing: committed rows then resume a long sweep
-    on a machine without the cache. None when no row qualifies."""
-    for row in _rows_of_seed(runs, exp.seed, row_extra):
+) -> tuple[dict[str, Any], bool] | None:
+    """With ``runtime.reuse_rows=true``: this run's row from the rows already in ``runs``, without computing,
+    and whether it is a new row to write. None when no row qualifies. Stage keys name every stage's inputs, code
+    versions and model weights, so a row with this run's keys holds what the run would compute (the cache would
+    serve the same stages); committed rows then resume a long sweep on a machine without the cache.
+
+    - ``(row, False)``: a row with the same labels, seed and extra fields (an audit's command and role) and the
+      stage keys today's code gives this config (:func:`row_planned_keys`: a noise control at the realised
+      budget that row records, as ``python -m harness.rerun --check-keys`` does). It is this run's row.
+    - ``(row, True)``, for a clean or floor control only, which does not run the configured defense: a row of
+      the same control for another defense with this run's stage keys and control record (the clean controls of
+      Mist and of ASPL train the same finetune on the same clean art), returned as this cell's row (its labels,
+      config and id) with ``results_of`` naming the row that computed the results, whose ``created`` and
+      ``provenance`` it keeps. Never for the defense itself or its noise control: their results depend on it."""
+    rows = list(_rows_of_seed(runs, exp.seed, row_extra))
+    for row in rows:
         if row.get("labels") == dict(labels) and row_planned_keys(cfg, exp, control, row) == row.get("stage_keys"):
-            return row
+            return row, False
+    if control not in ("clean", "floor"):
+        return None
+    planned, info = as_control(cfg, exp, control, None, None)  # type: ignore[arg-type]
+    keys = planned_keys(planned)
+    for row in rows:
+        if row.get("stage_keys") != keys or (row.get("labels") or {}).get("control") != control:
+            continue
+        if row.get("control") != info:
+            continue
+        relabelled = {
+            **row,
+            "run_id": row_id(keys, labels),
+            "labels": dict(labels),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "results_of": row.get("results_of") or row["run_id"],
+            **(row_extra or {}),
+        }
+        return relabelled, True
     return None
 
 
@@ -364,41 +389,6 @@ def _rows_of_seed(runs: Path, seed: int, row_extra: Mapping[str, Any] | None) ->
             and all(row.get(k) == v for k, v in (row_extra or {}).items())
         ):
             yield row
-
-
-def relabelled_row(
-    cfg: DictConfig,
-    exp: Experiment,
-    labels: Mapping[str, str],
-    control: str | None,
-    runs: Path,
-    row_extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any] | None:
-    """For a clean or floor control, which does not run the configured defense: a row in ``runs`` of the same
-    control for another defense whose stage keys and control record are this run's (the clean control of Mist
-    and of ASPL train the same finetune on the same clean art). Its results are what this run would compute;
-    the cache would serve every stage. Returned as this cell's row (its labels, config and id) with
-    ``results_of`` naming the row that computed them, whose ``created`` and ``provenance`` it keeps. None when
-    no row qualifies, and always for the defense itself and its noise control (their results depend on it)."""
-    if control not in ("clean", "floor") or not runs.is_dir():
-        return None
-    planned, info = as_control(cfg, exp, control, None, None)  # type: ignore[arg-type]
-    keys = planned_keys(planned)
-    for row in _rows_of_seed(runs, exp.seed, row_extra):
-        if row.get("stage_keys") != keys or (row.get("labels") or {}).get("control") != control:
-            continue
-        if row.get("control") != info:
-            continue
-        source = row.get("results_of") or row["run_id"]
-        return {
-            **row,
-            "run_id": row_id(keys, labels),
-            "labels": dict(labels),
-            "config": OmegaConf.to_container(cfg, resolve=True),
-            "results_of": source,
-            **(row_extra or {}),
-        }
-    return None
 
 
 def row_planned_keys(cfg: DictConfig, exp: Experiment, control: str | None, row: Mapping[str, Any]) -> dict | None:
@@ -451,20 +441,19 @@ def run_from_config(
         device,
     )
     if bool(rt.get("reuse_rows", False)):
-        reused = reusable_row(cfg, exp, labels, control, Path(rt.results_dir) / "runs", row_extra)
-        if reused is not None:
-            log.info("row %s reused: its stage keys are this run's (runtime.reuse_rows)", reused["run_id"])
-            return reused
-        shared = relabelled_row(cfg, exp, labels, control, Path(rt.results_dir) / "runs", row_extra)
-        if shared is not None:
-            path = write_row(Path(rt.results_dir), shared)
+        stored = stored_row(cfg, exp, labels, control, Path(rt.results_dir) / "runs", row_extra)
+        if stored is not None and not stored[1]:
+            log.info("row %s reused: its stage keys are this run's (runtime.reuse_rows)", stored[0]["run_id"])
+            return stored[0]
+        if stored is not None:
+            path = write_row(Path(rt.results_dir), stored[0])
             log.info(
                 "row %s: the results of row %s (the same %s control, the same stage keys; runtime.reuse_rows)",
                 path,
-                shared["results_of"],
+                stored[0]["results_of"],
                 control,
             )
-            return shared
+            return stored[0]
     ctx = Context(device=device, batch_size=int(rt.batch_size), model=exp.model, progress=_progress(bool(rt.progress)))
     store = ArtifactStore(rt.cache_dir)
     control_info = None
