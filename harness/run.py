@@ -442,18 +442,19 @@ def run_from_config(
     )
     if bool(rt.get("reuse_rows", False)):
         stored = stored_row(cfg, exp, labels, control, Path(rt.results_dir) / "runs", row_extra)
-        if stored is not None and not stored[1]:
-            log.info("row %s reused: its stage keys are this run's (runtime.reuse_rows)", stored[0]["run_id"])
-            return stored[0]
         if stored is not None:
-            path = write_row(Path(rt.results_dir), stored[0])
+            row, new = stored
+            if not new:
+                log.info("row %s reused: its stage keys are this run's (runtime.reuse_rows)", row["run_id"])
+                return row
+            path = write_row(Path(rt.results_dir), row)
             log.info(
                 "row %s: the results of row %s (the same %s control, the same stage keys; runtime.reuse_rows)",
                 path,
-                stored[0]["results_of"],
+                row["results_of"],
                 control,
             )
-            return stored[0]
+            return row
     ctx = Context(device=device, batch_size=int(rt.batch_size), model=exp.model, progress=_progress(bool(rt.progress)))
     store = ArtifactStore(rt.cache_dir)
     control_info = None

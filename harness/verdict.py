@@ -121,6 +121,11 @@ def fmt_interval(mean: Any, low: Any, high: Any, digits: int | None = None) -> s
     return f"{fmt_number(mean, digits)} [{fmt_number(low, digits)}, {fmt_number(high, digits)}]"
 
 
+def option_name(label: Any) -> str:
+    """The option a row's label names, without the settings a sweep appended (``impress[steps=100]``: impress)."""
+    return str(label).split("[", 1)[0]
+
+
 def role_of(row: Mapping[str, Any], baseline: str = "noise") -> str:
     """A row's role: ``clean``, ``floor``, ``noise`` (its ``control`` label) or ``protected``. Rows written before
     controls were labelled: ``defense=none`` is the clean control and the ``baseline`` defense the noise baseline
@@ -128,7 +133,7 @@ def role_of(row: Mapping[str, Any], baseline: str = "noise") -> str:
     labels = row["labels"]
     if "control" in labels:
         return labels["control"] or "protected"
-    defense = str(labels.get("defense", "")).split("[", 1)[0]
+    defense = option_name(labels.get("defense", ""))
     if defense == "none":
         return "clean"
     if defense == baseline:
@@ -283,21 +288,21 @@ def controls_from_rows(
     for role in ("clean", "noise"):
         if not by_role.get(role):
             legacy = [r for r in rows if "control" not in r["labels"] and role_of(r, baseline) == role]
-            if legacy and defense.split("[", 1)[0] != baseline:
+            if legacy and option_name(defense) != baseline:
                 by_role[role] = legacy
     cs = ControlSet()
     for role in ("clean", "floor"):
         if sel := by_role.get(role):
             # the attacker on the clean images as they were: a sweep that also purifies the clean art (to match
             # each purifier's noise row) holds one clean row per purifier and seed; those are not the control
-            plain = [r for r in sel if str(r["labels"].get("purifier", "none")).split("[", 1)[0] == "none"]
+            plain = [r for r in sel if option_name(r["labels"].get("purifier", "none")) == "none"]
             setattr(cs, role, values_of(plain or sel, metric))
     for role in ("noise", "protected"):
         per: dict[str, list[Mapping[str, Any]]] = {}
         for r in by_role.get(role, []):
             per.setdefault(str(r["labels"].get("purifier", "none")), []).append(r)
         setattr(cs, role, {p: values_of(sel, metric) for p, sel in per.items()})
-    if not cs.noise and defense.split("[", 1)[0] == baseline:
+    if not cs.noise and option_name(defense) == baseline:
         cs.noise = dict(cs.protected)
     return cs
 
