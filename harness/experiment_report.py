@@ -31,7 +31,15 @@ from harness.cache import ArtifactStore, atomic_write_text
 from harness.report import grid_from_store, html_page, safe_filename
 from harness.summary import BEST_OF, sizes_line, summarize
 from harness.threat_models import threat_model as get_threat_model
-from harness.verdict import binary_metrics, controls_from_rows, fmt_interval, judge, method_note, verdict_settings
+from harness.verdict import (
+    binary_metrics,
+    controls_from_rows,
+    fmt_interval,
+    judge,
+    method_note,
+    option_name,
+    verdict_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +85,6 @@ def _natural(label: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(label))]
 
 
-def _base(label: str) -> str:
-    return str(label).split("[", 1)[0]
-
-
 def _write_grid(store: ArtifactStore | None, lines: list[tuple], out: Path, n: int, title: str) -> list[str]:
     """Draw the grid (or keep the one already at ``out``) and return its report lines (none without a grid)."""
     made = grid_from_store(store, lines, out, n, label_width=220) if store is not None else None
@@ -97,7 +101,7 @@ def _role_column(table: pd.DataFrame, baseline: str) -> pd.Series:
     def role(d: str, c: str) -> str:
         if c:
             return c
-        return {"none": "clean", baseline: "noise"}.get(_base(d), "protected")
+        return {"none": "clean", baseline: "noise"}.get(option_name(d), "protected")
 
     return pd.Series([role(d, c) for d, c in zip(table["defense"], table["control"], strict=True)], index=table.index)
 
@@ -373,8 +377,8 @@ def _metrics_grids(ex: _Experiment) -> list[str]:
         for (d, c, pur, m), r in sorted(by_label.items()):
             if m == mimic and pur == "none" and c == "" and d in protections:
                 lines += [  # grid labels without the settings (the legend under the grid has them)
-                    (_base(d), "protect", r["stage_keys"].get("protect")),
-                    (f"edit after {_base(d)}", "mimic", r["stage_keys"].get("mimic")),
+                    (option_name(d), "protect", r["stage_keys"].get("protect")),
+                    (f"edit after {option_name(d)}", "mimic", r["stage_keys"].get("mimic")),
                 ]
         out = ex.results_dir / safe_filename(f"grid_{mimic}.png")
         grids += _write_grid(ex.store, lines, out, ex.n_images, f"{mimic} edits")
@@ -397,10 +401,10 @@ def _generation_grids(ex: _Experiment) -> list[str]:
         roles = sorted(mine.items(), key=lambda kv: ("clean", "noise", "", "floor").index(kv[0][1]))
         for (d, c, _, _), r in roles:
             if c in ("", "floor"):
-                what = "the floor's dirty-label poison" if c == "floor" else _base(d)
+                what = "the floor's dirty-label poison" if c == "floor" else option_name(d)
                 lines.append((f"scraped images: {what}", "protect", r["stage_keys"].get("protect"), one_per_artist))
         for (d, c, _, _), r in roles:
-            what = {"clean": "clean images", "noise": "noise", "floor": "dirty-label poison"}.get(c, _base(d))
+            what = {"clean": "clean images", "noise": "noise", "floor": "dirty-label poison"}.get(c, option_name(d))
             lines.append((f"trained on {what}: source probes", "mimic", r["stage_keys"].get("mimic"), one_per_artist))
         out = ex.results_dir / safe_filename(f"grid_{mimic}.png")
         grids += _write_grid(ex.store, lines, out, ex.n_images, f"{mimic}: scraped images and probes")
@@ -609,7 +613,9 @@ def _matrix_grid(ex: _Experiment, purifiers: list[str], mimic: str, d: str) -> l
     c0 = next(
         (v for k, v in by_label.items() if k[1] in ("clean",) and k[0] == d and k[2] == "none" and k[3] == mimic),
         None,
-    ) or next((v for k, v in by_label.items() if _base(k[0]) == "none" and k[2] == "none" and k[3] == mimic), None)
+    ) or next(
+        (v for k, v in by_label.items() if option_name(k[0]) == "none" and k[2] == "none" and k[3] == mimic), None
+    )
     keys = r0["stage_keys"]
     lines = [("clean artwork", "data", keys.get("data")), (f"protected ({d})", "protect", keys.get("protect"))]
     if c0 is not None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.summary import load_rows
+from harness.verdict import option_name
 
 __all__ = ["overrides_of", "select", "check_keys", "main"]
 
@@ -61,7 +62,7 @@ def _matches(labels: Mapping[str, Any], condition: str) -> bool:
     for pair in condition.split(","):
         key, _, value = pair.partition("=")
         label = str(labels.get(key.strip(), ""))
-        if value.strip() not in (label, label.split("[", 1)[0]):
+        if value.strip() not in (label, option_name(label)):
             return False
     return True
 
