@@ -196,8 +196,8 @@ def test_experiment_report_rejects_an_unknown_layout(tmp_path):
 
 
 def test_tables_cli_rebuilds_a_results_folder_that_holds_only_experiments(tmp_path, capsys):
-    """A results folder need not hold loose rows: one with only experiments/<name>/runs (as results/ after the
-    embedded world v2, whose loose v1 rows moved to results/world-v1/) still gets its experiment rebuilt; one
+    """A results folder need not hold loose rows: one with only experiments/<name>/runs (as results/
+    was on world v2 while its loose rows were being regenerated) still gets its experiment rebuilt; one
     with no rows anywhere is one clear error naming the folder."""
     import json
 
