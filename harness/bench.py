@@ -458,7 +458,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append((case, ref, ours))
         print("\n".join(format_table([(case, ref, ours)]).splitlines()[2:4]), file=sys.stderr, flush=True)
     table = format_table(results)
-    head = f"Device {args.device}, {torch.get_num_threads()} threads; whole run {time.time() - t0:.0f} s.\n\n"
+    prov = provenance(args.device)
+    hw = prov["hardware"]
+    if args.device.startswith("cuda"):
+        machine = ", ".join(hw.get("gpus", []))
+    else:
+        machine = f"{hw['cpu_model'] or hw['machine']}, {hw['torch_cpu_capability']} kernels"
+    head = (
+        f"Device {args.device} ({machine}), {torch.get_num_threads()} threads; "
+        f"whole run {time.time() - t0:.0f} s.\n\n"
+    )
     print(head + table)
     if args.out:
         out = Path(args.out)
@@ -468,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         record = {
             "command": "python -m harness.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
             "seconds": round(time.time() - t0, 1),
-            "provenance": provenance(args.device),
+            "provenance": prov,
             "rows": [{"case": c.name, "note": c.note, "reference": vars(r), "ours": vars(o)} for c, r, o in results],
         }
         (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")

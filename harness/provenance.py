@@ -59,11 +59,30 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
+    """The CPU's model name: the first ``model name`` line of ``/proc/cpuinfo`` on Linux, else what
+    ``platform.processor()`` says (empty on most Linux systems), else None."""
+    try:
+        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def hardware(device: str = "cpu") -> dict[str, Any]:
+    """The machine a row was computed on. Floating-point results on CPU depend on the CPU and on the vector
+    instruction set PyTorch dispatches to (``torch_cpu_capability``: AVX2, AVX512, ...): on another CPU the
+    same code and seeds give values that differ in the last digits, and iterated sign-gradient attacks can
+    amplify that to about 1e-3 in a metric."""
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor() or None,
+        "cpu_model": cpu_model(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "device": device,

@@ -57,7 +57,10 @@ def test_command_filters_names_refuses_unknown_ones_and_writes_its_record(tmp_pa
     record = json.loads((tmp_path / "cpu.json").read_text())
     assert [r["case"] for r in record["rows"]] == ["gaussian_noise"]
     assert record["provenance"]["hardware"]["device"] == "cpu"
-    assert "| gaussian_noise | ours |" in (tmp_path / "cpu.md").read_text()
+    md = (tmp_path / "cpu.md").read_text()
+    assert "| gaussian_noise | ours |" in md
+    hw = record["provenance"]["hardware"]
+    assert f"{hw['torch_cpu_capability']} kernels" in md.splitlines()[2]  # the table names the machine it ran on
 
 
 def test_every_case_names_an_existing_config_option():
