@@ -465,8 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         machine = f"{hw['cpu_model'] or hw['machine']}, {hw['torch_cpu_capability']} kernels"
     head = (
-        f"Device {args.device} ({machine}), {torch.get_num_threads()} threads; "
-        f"whole run {time.time() - t0:.0f} s.\n\n"
+        f"Device {args.device} ({machine}), {torch.get_num_threads()} threads; whole run {time.time() - t0:.0f} s.\n\n"
     )
     print(head + table)
     if args.out:

@@ -159,9 +159,9 @@ def test_drop_borrowed_refuses_a_component_that_differs(tmp_path):
 def test_evaluate_autoencoder_reports_skimage_psnr_per_artist_and_per_held_out_photo():
     from skimage.metrics import peak_signal_noise_ratio
 
-    from harness.data import HELD_OUT_PHOTOS
+    from harness.data import HELD_OUT_PHOTOS, TRAIN_PHOTOS
     from harness.world import HELD_OUT_ARTISTS, TRAIN_ARTISTS
-    from harness.zoo.evaluate import eval_art, evaluate_autoencoder, held_out_photos
+    from harness.zoo.evaluate import eval_art, evaluate_autoencoder, held_out_photos, training_photos
 
     def darker(x):
         return x * 0.8  # a reconstruction with a known, content-dependent error
@@ -171,6 +171,7 @@ def test_evaluate_autoencoder_reports_skimage_psnr_per_artist_and_per_held_out_p
     assert list(out["train_artists"]["psnr_db_mean_per_artist"]) == list(TRAIN_ARTISTS)
     assert list(out["held_out_artists"]["psnr_db_mean_per_artist"]) == list(HELD_OUT_ARTISTS)
     assert list(out["held_out_photos"]["psnr_db_per_photo"]) == list(HELD_OUT_PHOTOS)
+    assert list(out["training_photos"]["psnr_db_per_photo"]) == list(TRAIN_PHOTOS)
     art, who, _ = eval_art(["cyanora"], 1, size=32)
     expected = [peak_signal_noise_ratio(x.numpy(), darker(x).numpy(), data_range=1.0) for x in art.images]
     assert out["held_out_artists"]["psnr_db_mean_per_artist"]["cyanora"] == pytest.approx(sum(expected) / 10, abs=0.01)
@@ -178,6 +179,10 @@ def test_evaluate_autoencoder_reports_skimage_psnr_per_artist_and_per_held_out_p
     assert out["held_out_photos"]["psnr_db_per_photo"][HELD_OUT_PHOTOS[0]] == pytest.approx(
         peak_signal_noise_ratio(photo.numpy(), darker(photo).numpy(), data_range=1.0), abs=0.01
     )
+    seen = training_photos(32)
+    assert not set(seen.ids) & set(HELD_OUT_PHOTOS)
+    expected = [peak_signal_noise_ratio(x.numpy(), darker(x).numpy(), data_range=1.0) for x in seen.images]
+    assert out["training_photos"]["psnr_db_mean"] == pytest.approx(sum(expected) / len(expected), abs=0.01)
 
 
 def test_edit_response_is_one_without_a_shift_and_falls_as_the_latent_moves(ctx):
@@ -222,6 +227,8 @@ def test_evaluate_command_writes_the_tiny_vae_figures_and_its_targets_table(toy_
     assert "### Targets" in card and "reconstruction >= 25 dB per held-out artist" in card
     assert "**NOT met**" in card  # a one-step toy autoencoder cannot reconstruct at 25 dB
     assert "TAEF2 not measured (--taef2)" in card
+    seen = card.split("### Seen and unseen images")[1].split("###")[0]
+    assert "| training photos, whole (their crops were trained on) |" in seen and "| not measured | - |" in seen
 
 
 def test_judge_augmentation_jitters_colour_but_adds_no_noise_or_blur():
@@ -486,3 +493,15 @@ def test_judge_captions_name_the_subject_alone_and_match_it_across_artists():
     assert [random_caption(data, 1, a, 0.3) for _ in range(50)] == [
         random_caption(data, 1, b, 0.3, styleless=0.0) for _ in range(50)
     ]
+
+
+def test_seen_and_unseen_table_gives_the_gap_to_the_reference_per_group():
+    from harness.zoo.cards import _autoencoder_seen_and_unseen
+
+    ours = {"size_px": 128, "training_photos": {"psnr_db_mean": 20.75}, "held_out_photos": {"psnr_db_mean": 20.63}}
+    theirs = {"training_photos": {"psnr_db_mean": 27.08}}
+    lines = _autoencoder_seen_and_unseen(ours, theirs)
+    assert "| training photos, whole (their crops were trained on) | 20.75 | 27.08 | 6.33 |" in lines
+    assert "| held-out photos, whole | 20.63 | not measured | - |" in lines
+    assert not any("artists" in line and line.startswith("|") for line in lines)  # groups not measured: no row
+    assert _autoencoder_seen_and_unseen({}, theirs) == []

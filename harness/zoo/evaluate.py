@@ -261,6 +261,15 @@ def held_out_photos(size: int) -> ImageSet:
     return SamplePhotos(names=list(HELD_OUT_PHOTOS), size=size).load()
 
 
+def training_photos(size: int) -> ImageSet:
+    """The whole training photos (:data:`harness.data.TRAIN_PHOTOS`, whose random crops the world's models
+    trained on) at ``size`` px, resized and centre cropped as the held-out photos are: the same view of images
+    the autoencoder has seen, to tell underfitting from too few or too narrow training images."""
+    from harness.data import TRAIN_PHOTOS, SamplePhotos
+
+    return SamplePhotos(names=list(TRAIN_PHOTOS), size=size).load()
+
+
 def vae_reconstruction(vae: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """A diffusers AutoencoderKL as a reconstruction: encode to the posterior mean and decode, [0, 1] in and out."""
 
@@ -281,7 +290,8 @@ def evaluate_autoencoder(
 ) -> dict[str, Any]:
     """Reconstruction PSNR of an autoencoder (``reconstruct``: [0, 1] images in and out, e.g.
     :func:`vae_reconstruction`) at ``size`` px: per artist on fresh artworks (eval split) of the training and
-    the held-out artists, and per held-out photo (whole photos). The same for ``tiny-vae`` and the reference."""
+    the held-out artists, per held-out photo and per training photo (whole photos). The same for ``tiny-vae``
+    and the reference."""
     out: dict[str, Any] = {"size_px": size}
     for group, artists in (("train_artists", TRAIN_ARTISTS), ("held_out_artists", HELD_OUT_ARTISTS)):
         art, who, _ = eval_art(artists, per_pair, size=size)
@@ -292,12 +302,12 @@ def evaluate_autoencoder(
             "images": len(art),
             "psnr_db_mean_per_artist": _mean_per_artist(psnr.tolist(), who, 2),
         }
-    photos = held_out_photos(size)
-    psnr = _psnr(_batched(reconstruct, photos.images), photos.images)
-    out["held_out_photos"] = {
-        "psnr_db_mean": round(float(psnr.mean()), 2),
-        "psnr_db_per_photo": {i: round(float(v), 2) for i, v in zip(photos.ids, psnr.tolist(), strict=True)},
-    }
+    for group, photos in (("held_out_photos", held_out_photos(size)), ("training_photos", training_photos(size))):
+        psnr = _psnr(_batched(reconstruct, photos.images), photos.images)
+        out[group] = {
+            "psnr_db_mean": round(float(psnr.mean()), 2),
+            "psnr_db_per_photo": {i: round(float(v), 2) for i, v in zip(photos.ids, psnr.tolist(), strict=True)},
+        }
     return out
 
 

@@ -32,6 +32,8 @@ __all__ = ["TAEF2_FILES", "load_taef2"]
 #: the files a TAEF2 folder must hold
 TAEF2_FILES = ("taef2_encoder.pth", "taef2_decoder.pth")
 _WIDTH, _LATENT = 64, 32
+#: TAEF2's latent channels (FLUX.2's), at 8x downsampling
+LATENT_CHANNELS = _LATENT
 
 
 def _conv(cin: int, cout: int, **kw: object) -> nn.Conv2d:
