@@ -101,12 +101,17 @@ def _cells(
     their rows carry its label (the noise control measures the protection's realised budget from its run)."""
     cells = []
     auditing_baseline = defense == audit.baseline  # its protected rows are the noise baseline
-    folder = any(o.startswith("dataset=folder") for o in common_user)
+    chosen = _user_choices(common_user)
+    folder = chosen.get("dataset") == "folder"
     for tm in threat_models:
         spec = audit.threat_models[tm]
         metrics = spec.get("folder_metrics") if folder and spec.get("folder_metrics") else spec.metrics
+        # the user's choice of a data set, model or metric set (dataset=folder, model=sd15, ...) replaces the
+        # threat model's default: the user's overrides come first, so a default after them would win
         model = f"model={spec.model}" if spec.get("model") is not None else "~model"  # privacy: no model
-        base = [f"dataset={spec.dataset}", model, f"metrics={metrics}", *spec.get("overrides", [])]
+        defaults = {"dataset": f"dataset={spec.dataset}", "model": model, "metrics": f"metrics={metrics}"}
+        base = [o for group, o in defaults.items() if group not in chosen or o == "~model"]
+        base += list(spec.get("overrides", []))
         own = [f"defense={defense}", *defense_opts]
         purifiers = list(_tm_setting(audit, tm, "purifiers", audit.purifiers))
         noise_baseline = threat_model(tm).noise_baseline and not auditing_baseline
@@ -126,6 +131,21 @@ def _cells(
                         continue  # that point is the protected run itself (same stage keys, same row)
                     cells.append((tm, "budget sweep", [*common, *own, f"defense.eps={b!r}", "purifier=none"]))
     return cells
+
+
+#: config groups whose choice on the command line replaces every threat model's default
+USER_GROUPS = ("dataset", "model", "metrics")
+
+
+def _user_choices(common_user: Sequence[str]) -> dict[str, str]:
+    """The groups of :data:`USER_GROUPS` that the user's overrides choose (``dataset=folder``, ``+model=local``),
+    with the last choice of each."""
+    chosen = {}
+    for option in common_user:
+        key, sep, value = option.lstrip("+").partition("=")
+        if sep and key in USER_GROUPS:
+            chosen[key] = value
+    return chosen
 
 
 def _sweep_radii(audit: Any, budget: Budget | None) -> list[float]:

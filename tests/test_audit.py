@@ -192,3 +192,59 @@ def test_an_audit_resumes_from_its_rows_without_the_cache(tmp_path):
     assert sorted(p.name for p in (folder / "runs").glob("*.json")) == rows
     assert (folder / "report.md").read_text() == report
     assert "runtime." not in json.loads((folder / "audit.json").read_text())["command"]
+
+
+def test_the_users_dataset_model_or_metrics_replace_the_threat_models_defaults():
+    """The user's overrides come before each cell's: a threat model's default choice after them would win and
+    silently audit another model (model=sd15 ran tiny-sd) or refuse the user's folder (dataset.path)."""
+    from harness.audit import _plan
+    from harness.run import compose_config
+
+    def composed(*args):
+        _, _, cells, common = _plan(["defense=noise", *args])
+        return [compose_config([*common, *cell]) for _, _, cell in cells]
+
+    for cfg, choices in composed("model=sd15", "metrics=editing", "audit.seeds=[0]", "audit.purifiers=[none]"):
+        assert choices["model"] == "sd15" and cfg.model.source.startswith("stable-diffusion-v1-5/")
+        assert choices["metrics"] == "editing"
+        assert choices["dataset"] in ("held_out_photos", "held_out_artist")  # the threat models' own data
+    for cfg, choices in composed("dataset=folder", "dataset.path=/art", "audit.seeds=[0]", "audit.purifiers=[none]"):
+        assert choices["dataset"] == "folder" and cfg.dataset.path == "/art"
+        assert choices["model"] == "tiny-sd"
+        editing = choices["mimic"] == "img2img"
+        assert choices["metrics"] == ("photoguard_table1" if editing else "mimicry_any_art")  # any art: no judge
+    # without a choice the threat models' defaults stand, in the order the committed rows were made with
+    _, _, cells, _ = _plan(["defense=photoguard_encoder", "audit=quick"])
+    assert cells[0][2][:3] == ["dataset=held_out_photos", "model=tiny-sd", "metrics=photoguard_table1"]
+    _, _, cells, _ = _plan(["defense=instahide", "model=sd15"])
+    assert all("~model" in cell for _, _, cell in cells)  # privacy uses no model, whatever the user names
+
+
+def test_a_closed_tools_output_is_audited_on_the_users_folder(tmp_path):
+    """The README's command for a closed tool, `defense=external defense.folder=... dataset=folder
+    dataset.path=...`, end to end on the tiny-random model."""
+    import numpy as np
+    from PIL import Image
+
+    originals, protected = tmp_path / "originals", tmp_path / "glazed"
+    originals.mkdir()
+    protected.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        image = rng.integers(0, 256, (72, 72, 3), dtype=np.uint8)
+        Image.fromarray(image).save(originals / f"art{i}.png")
+        cloak = np.clip(image.astype(int) + rng.integers(-6, 7, image.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(cloak).save(protected / f"art{i}.png")
+    args = audit_args(
+        tmp_path,
+        "defense=external",
+        f"defense.folder={protected}",
+        "dataset=folder",
+        f"dataset.path={originals}",
+        *FAST,  # audit=quick: the editing threat model only
+    )
+    assert main(args) == 0
+    rows = [json.loads(p.read_text()) for p in (tmp_path / "R" / "audits").glob("*/runs/*.json")]
+    assert rows and all(r["labels"]["dataset"].startswith(f"folder[path={originals},") for r in rows)
+    protected_rows = [r for r in rows if r["audit"]["role"] == "protected"]
+    assert all(r["budget"]["linf_max"] <= 6 / 255 + 1e-6 for r in protected_rows)  # the tool's files were read
