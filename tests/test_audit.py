@@ -222,7 +222,8 @@ def test_the_users_dataset_model_or_metrics_replace_the_threat_models_defaults()
 
 def test_a_closed_tools_output_is_audited_on_the_users_folder(tmp_path):
     """The README's command for a closed tool, `defense=external defense.folder=... dataset=folder
-    dataset.path=...`, end to end on the tiny-random model."""
+    dataset.path=... dataset.size=native`, end to end on the tiny-random model: the files are read at their own
+    72 px, the model's stages run at its resolution, and the report's grid shows both."""
     import numpy as np
     from PIL import Image
 
@@ -241,10 +242,18 @@ def test_a_closed_tools_output_is_audited_on_the_users_folder(tmp_path):
         f"defense.folder={protected}",
         "dataset=folder",
         f"dataset.path={originals}",
+        "dataset.size=native",
         *FAST,  # audit=quick: the editing threat model only
     )
     assert main(args) == 0
+    (folder,) = (tmp_path / "R" / "audits").glob("*")
+    assert "## Budget actually used" in (folder / "report.md").read_text()
+    (grid,) = folder.glob("grid_*.png")
     rows = [json.loads(p.read_text()) for p in (tmp_path / "R" / "audits").glob("*/runs/*.json")]
     assert rows and all(r["labels"]["dataset"].startswith(f"folder[path={originals},") for r in rows)
     protected_rows = [r for r in rows if r["audit"]["role"] == "protected"]
     assert all(r["budget"]["linf_max"] <= 6 / 255 + 1e-6 for r in protected_rows)  # the tool's files were read
+    assert {r["sizes"]["protect"] for r in protected_rows} == {72}  # read at their own size
+    from PIL import Image
+
+    assert Image.open(grid).height % 72 == 0  # every row of the grid is shown at the first (clean) row's size
