@@ -70,26 +70,15 @@ def grid_from_store(store: Any, lines: Sequence[tuple], out: Path, n_images: int
         first = loaded if first is None else first
         if transform and transform[0] is not None:
             loaded = transform[0](loaded, first)
-        images.append(loaded.images[:n_images])
+        # stages may run at other sizes (a user's images at their own size, a model's stages at its
+        # resolution): every row is shown at the first row's size
+        images.append(loaded.resized(first.size[0]).images[:n_images])
         labels.append(label)
     if not images:
         return None
     k = min(len(x) for x in images)
-    # stages may run at other sizes (a user's images at their own size, a model's stages at its resolution):
-    # every row is shown at the first row's size
-    size = tuple(images[0].shape[-2:])
-    rows = [_resized(x[:k], size) for x in images]
-    save_grid(torch.cat(rows), len(images), out, labels=labels, scale=2, label_width=label_width)
+    save_grid(torch.cat([x[:k] for x in images]), len(images), out, labels=labels, scale=2, label_width=label_width)
     return out
-
-
-def _resized(images: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """``images`` (N, 3, H, W) in [0, 1] at ``size`` (H, W): bicubic, antialiased when it shrinks them."""
-    if tuple(images.shape[-2:]) == size:
-        return images
-    shrink = images.shape[-2] > size[0] or images.shape[-1] > size[1]
-    out = torch.nn.functional.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=shrink)
-    return out.clamp(0, 1)
 
 
 def _png_data(path: Path) -> str:
