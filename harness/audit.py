@@ -574,7 +574,7 @@ def _effects_table(v: Verdict, noise_baseline: bool = True) -> list[str]:
         *[(f"residual after {p}", e) for p, e in sorted(v.residual_by_purifier.items())],
         ("residual after the attacker's best per image", v.residual),
     ]
-    rows = [(n, e) for n, e in rows if e.defined]
+    rows = [(n, e) for n, e in rows if not math.isnan(e.value)]  # a point without interval: too few pairs
     if not rows:
         return []
     out = ["| effect | estimate [interval] | pairs | seeds |", "|---|---|---|---|"]

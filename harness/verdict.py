@@ -22,7 +22,8 @@ level: seeds change the protection's draws, the finetune and the generations) an
 seed, image ids with replacement, the same ids for every condition; the statistic is the ratio of the
 resampled means. For yes/no metrics a resample's rate of each condition is drawn from its Jeffreys Beta
 posterior given the resample's counts, so that an interval does not collapse at 0 or 1 (8 of 8 successes
-give [0.76, 1.00], not [1, 1]).
+give [0.76, 1.00], not [1, 1]). Too few pairs give no interval at all (:func:`too_few_pairs`: at 95%, fewer
+than 4 images of one seed), since its bounds would be single pairs' values, and no verdict.
 
 The verdict has three outcomes (``audit.min_effect``, default 0.5): **protects** (the protection interval
 lies above ``min_effect``), **weak** (above 0 but not above the threshold: a statistically separated but
@@ -62,6 +63,8 @@ __all__ = [
     "fmt_interval",
     "N_BOOTSTRAP",
     "OUTCOMES",
+    "too_few_pairs",
+    "fewest_pairs",
 ]
 
 N_BOOTSTRAP = 2000
@@ -86,7 +89,10 @@ class Estimate:
         return not (math.isnan(self.value) or math.isnan(self.low) or math.isnan(self.high))
 
     def fmt(self, digits: int = 2) -> str:
-        return fmt_interval(self.value, self.low, self.high, digits) if self.defined else "undefined"
+        """``value [low, high]``; ``value (no interval)`` when only the point is defined; ``undefined``."""
+        if self.defined:
+            return fmt_interval(self.value, self.low, self.high, digits)
+        return "undefined" if math.isnan(self.value) else f"{fmt_number(self.value, digits)} (no interval)"
 
 
 NAN = Estimate(math.nan, math.nan, math.nan)
@@ -214,7 +220,8 @@ def paired_bootstrap(
         n_boot, level, seed: replicates, coverage, and the fixed RNG seed (the same rows give the same table).
 
     Returns:
-        the statistic on all pairs and its interval; NaN when no pair exists or every replicate is undefined.
+        the statistic on all pairs and its interval; NaN when no pair exists or most replicates are undefined;
+        NaN bounds when the pairs are too few for a ``level`` interval (:func:`too_few_pairs`).
     """
     names = list(conditions)
     blocks = _blocks(conditions)
@@ -223,6 +230,8 @@ def paired_bootstrap(
     pooled = np.concatenate(blocks, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         point = float(statistic({c: pooled[k].mean() for k, c in enumerate(names)}))
+    if too_few_pairs([b.shape[1] for b in blocks], level):  # the bounds would be single pairs' values
+        return Estimate(point, math.nan, math.nan, pooled.shape[1], len(blocks))
     rng = np.random.default_rng(seed)
     n_seeds = len(blocks)
     picks = rng.integers(0, n_seeds, (n_boot, n_seeds))  # which seed fills each slot of each replicate
@@ -250,6 +259,29 @@ def paired_bootstrap(
     alpha = (1 - level) / 2
     lo, hi = np.quantile(stats, [alpha, 1 - alpha])
     return Estimate(point, float(lo), float(hi), pooled.shape[1], n_seeds)
+
+
+def too_few_pairs(per_seed: Sequence[int], level: float = 0.95) -> bool:
+    """Whether pairs laid out as ``per_seed`` (how many each seed has) are too few for a ``level`` percentile
+    bootstrap interval. A replicate of :func:`paired_bootstrap` that repeats a single pair everywhere (every
+    seed slot draws that pair's seed, every draw within it that pair: probability s ** -s * n ** -(n * s) for
+    s seeds, the pair's seed holding n) is that pair's own value; when it is at least (1 - level) / 2 likely,
+    the interval's bounds are the most extreme pairs' values, the range of the data and not a ``level``
+    interval. At 95% one seed needs 4 images (3 repeat one in 1 replicate of 27, above 2.5%) and a set-level
+    metric 4 seeds; 2 seeds of 2 images are enough (1 in 64)."""
+    s = len(per_seed)
+    if not s or min(per_seed) < 1:
+        return True
+    n = min(per_seed)
+    return float(s) ** -s * float(n) ** -(n * s) >= (1 - level) / 2
+
+
+def fewest_pairs(level: float) -> int:
+    """The fewest images of one seed (or seeds of one value each) that :func:`too_few_pairs` accepts."""
+    n = 1
+    while too_few_pairs([n], level):
+        n += 1
+    return n
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -381,7 +413,9 @@ def judge(
         + (f"noise {means['noise'].fmt(3)}, " if tm.noise_baseline else "")
         + f"floor {means['floor'].fmt(3)}, clean {means['clean'].fmt(3)}"
     )
-    if not (positive.defined and positive.low > 0):
+    per_seed = [b.shape[1] for b in _blocks(o)]
+    few = too_few_pairs(per_seed, level)  # the effects get their point estimates, and there is no verdict
+    if not few and not (positive.defined and positive.low > 0):
         v.sentence = (
             f"{threat_model}: no verdict on {defense}: the positive control does not clearly beat the floor "
             f"(clean minus floor {positive.fmt(3)} in {name}): "
@@ -389,7 +423,7 @@ def judge(
             + f", so nothing about the protection follows. {levels}."
         )
         return v
-    if not (noise_gap.defined and noise_gap.low > 0):
+    if not few and not (noise_gap.defined and noise_gap.low > 0):
         v.sentence = (
             f"{threat_model}: no verdict on {defense}: uniform noise of the same budget already brings the "
             f"attacker to the floor (noise minus floor {noise_gap.fmt(3)} in {name}), so the protection's own "
@@ -402,20 +436,6 @@ def judge(
         **kw,
     )
     v.protection = protection
-    scale = f"0 = {baseline_text}, 1 = the floor, {floor_text}"
-    if protection.defined and protection.low > min_effect:
-        v.outcome = "protects"
-        head = f"{defense} protects: protection {protection.fmt(3)} > {min_effect:g} ({scale})"
-    elif protection.defined and protection.low > 0:
-        v.outcome = "weak"
-        head = (
-            f"{defense} gives weak protection: protection {protection.fmt(3)} is above 0 but not above the "
-            f"{min_effect:g} the audit requires ({scale})"
-        )
-    else:
-        v.outcome = "no measurable protection"
-        head = f"{defense} gives no measurable protection: protection {protection.fmt(3)} ({scale})"
-    sentence = f"{threat_model}: {head}; {levels}"
     purifiers = sorted(set(cs.protected) & set(cs.noise) - {"none"})
     if purifiers:
         for p in purifiers:
@@ -430,6 +450,28 @@ def judge(
         v.residual = paired_bootstrap(
             {"p": best_p, "n": best_n, "f": o["floor"]}, lambda m: _ratio(m["p"] - m["f"], m["n"] - m["f"]), **kw
         )
+    if few:
+        v.sentence = (
+            f"{threat_model}: no verdict on {defense}: {sum(per_seed)} image(s) over {len(per_seed)} seed(s) "
+            f"measured in every control are too few for a {100 * level:g}% interval (its bounds would be single "
+            f"images' values, the range of the data): measure more images or seeds; protection "
+            f"{protection.fmt(3)}. {levels}."
+        )
+        return v
+    scale = f"0 = {baseline_text}, 1 = the floor, {floor_text}"
+    if protection.defined and protection.low > min_effect:
+        v.outcome = "protects"
+        head = f"{defense} protects: protection {protection.fmt(3)} > {min_effect:g} ({scale})"
+    elif protection.defined and protection.low > 0:
+        v.outcome = "weak"
+        head = (
+            f"{defense} gives weak protection: protection {protection.fmt(3)} is above 0 but not above the "
+            f"{min_effect:g} the audit requires ({scale})"
+        )
+    else:
+        v.outcome = "no measurable protection"
+        head = f"{defense} gives no measurable protection: protection {protection.fmt(3)} ({scale})"
+    sentence = f"{threat_model}: {head}; {levels}"
     if v.outcome == "protects" and v.residual.defined:
         target = 1 - min_effect
         breaking = {p: e for p, e in v.residual_by_purifier.items() if e.defined and e.low >= target}
@@ -504,8 +546,11 @@ def method_note(min_effect: float, level: float = 0.95, n_boot: int = N_BOOTSTRA
             f"purifier or by the attacker's best-of when the residual interval lies at or above "
             f"{1 - min_effect:g} (1 - `audit.min_effect`), **holds** when it lies below, and is *not shown to "
             "hold* otherwise. No verdict when the positive control does not clearly beat the floor (clean minus "
-            "floor interval above 0), when noise of the same budget already reaches the floor, or when a control "
-            "was not measured.",
+            "floor interval above 0), when noise of the same budget already reaches the floor, when a control "
+            "was not measured, or when the pairs are too few for an interval (a bootstrap replicate that repeats "
+            f"one pair is at least {100 * (1 - level) / 2:g}% likely, so the bounds would be single pairs' "
+            f"values: here fewer than {fewest_pairs(level)} images of one seed, or {fewest_pairs(level)} seeds of "
+            "a set-level metric).",
         ]
     )
 
@@ -538,7 +583,7 @@ def bootstrap_ci(
             there and here), or one sequence of per-image values per seed. NaN values do not count.
 
     Returns:
-        (mean, low, high). With one seed and one image the interval is that value.
+        (mean, low, high); NaN bounds when the values are too few for an interval (:func:`too_few_pairs`).
     """
     if isinstance(values_by_seed, Mapping):
         values = {s: {str(i): float(v) for i, v in d.items()} for s, d in values_by_seed.items()}

@@ -29,6 +29,8 @@ def test_audit_writes_a_report_with_verdict_controls_tables_and_grids(tmp_path, 
     folder = tmp_path / "R" / "audits" / "photoguard_encoder-steps-2"
     report = (folder / "report.md").read_text()
     assert "**Verdict (img2img[steps=4]).** editing" in report and "## Budget actually used" in report
+    # two photos and one seed: too few for an interval, so no verdict, whatever the effect
+    assert "no verdict on photoguard_encoder[steps=2]: 2 image(s) over 1 seed(s)" in report
     assert "## Method" in report and "protection = (noise - protected) / (noise - floor)" in report
     for role in ("| positive control (clean) |", "| floor |", "| noise baseline |", "| protected |", "best-of (2)"):
         assert role in report, role
@@ -75,7 +77,9 @@ def test_audit_writes_a_report_with_verdict_controls_tables_and_grids(tmp_path, 
 
 
 def test_auditing_noise_reports_no_measurable_protection(tmp_path):
-    args = audit_args(tmp_path, "defense=noise", "defense.eps=0.004", *FAST)
+    # four photos: the fewest of one seed that a 95% interval, and so a verdict, can rest on
+    four = "audit.threat_models.editing.overrides=['dataset.limit=4','mimic.steps=4']"
+    args = audit_args(tmp_path, "defense=noise", "defense.eps=0.004", *FAST, four)
     assert main(args) == 0
     report = (tmp_path / "R" / "audits" / "noise-eps-0.004" / "report.md").read_text()
     summary = report.split("## Summary")[1].split("## Method")[0]

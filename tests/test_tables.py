@@ -56,8 +56,10 @@ def test_no_best_of_line_without_a_success_metric():
 
 
 def test_bootstrap_ignores_undefined_values():
-    mean, lo, hi = bootstrap_ci([[1.0, float("nan"), 3.0]])
+    mean, lo, hi = bootstrap_ci([[1.0, float("nan"), 3.0, 2.0, 2.0]])
     assert mean == pytest.approx(2.0) and 1.0 <= lo <= hi <= 3.0
+    mean, lo, hi = bootstrap_ci([[1.0, float("nan"), 3.0]])  # two values: a mean, too few for an interval
+    assert mean == pytest.approx(2.0) and math.isnan(lo) and math.isnan(hi)
     assert all(math.isnan(v) for v in bootstrap_ci([[float("nan")]]))
 
 
@@ -79,20 +81,23 @@ def test_defense_objective_table_gives_the_difference_from_noise_an_interval():
         return {"clean": clean, "noise": noise, "protected": protected}
 
     pg = {"latent_protected": 40.0, "latent_clean": 50.0, "latent_noise": 49.5, "latent_direction": -1.0}
-    pg["latent_per_image"] = per_image([50.0, 50.0, 50.0], [49.5, 49.4, 49.6], [40.0, 41.0, 39.0])
+    pg["latent_per_image"] = per_image([50.0] * 4, [49.5, 49.4, 49.6, 49.5], [40.0, 41.0, 39.0, 40.0])
     weak = {"loss_protected": 0.101, "loss_clean": 0.1, "loss_noise": 0.105, "loss_direction": 1.0}
-    weak["loss_per_image"] = per_image([0.1] * 3, [0.104, 0.105, 0.106], [0.100, 0.101, 0.102])
+    weak["loss_per_image"] = per_image([0.1] * 4, [0.104, 0.105, 0.106, 0.105], [0.100, 0.101, 0.102, 0.101])
     old = {"loss_protected": 0.2, "loss_clean": 0.1, "loss_noise": 0.1, "loss_direction": 1.0}  # no per-image values
+    few = {**pg, "latent_per_image": per_image([50.0] * 3, [49.5, 49.4, 49.6], [40.0, 41.0, 39.0])}  # 3 images
+    four = ("a", "b", "c", "d")
     table = defense_objectives(
         [
-            _row("pg", "none", [1, 1, 1], info=pg),
-            _row("weak", "none", [1, 1, 1], info=weak),
-            _row("old", "none", [1, 1, 1], info=old),
-            _row("pg", "none", [1, 1, 1], info={**pg, "latent_protected": 0.0}, control="noise"),  # controls skipped
+            _row("pg", "none", [1] * 4, ids=four, info=pg),
+            _row("weak", "none", [1] * 4, ids=four, info=weak),
+            _row("old", "none", [1] * 4, ids=four, info=old),
+            _row("few", "none", [1] * 3, info=few),
+            _row("pg", "none", [1] * 4, ids=four, info={**pg, "latent_protected": 0.0}, control="noise"),  # skipped
         ]
     )
     got = dict(zip(table["defense"], table["beats noise"], strict=True))
-    assert got == {"pg": "yes", "weak": "no", "old": "no interval"}
+    assert got == {"pg": "yes", "weak": "no", "old": "no interval", "few": "no interval"}
     pg_line = table[table["defense"] == "pg"].iloc[0]
     assert pg_line["protected"] == 40.0
     assert pg_line["beyond noise [95%]"].startswith("9.50")  # -1 x (40 - 49.5), averaged per image

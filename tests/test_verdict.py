@@ -8,7 +8,18 @@ import math
 import numpy as np
 import pytest
 
-from harness.verdict import ControlSet, _ratio, best_of, controls_from_rows, judge, paired_bootstrap, values_of
+from harness.verdict import (
+    ControlSet,
+    _ratio,
+    best_of,
+    bootstrap_ci,
+    controls_from_rows,
+    fewest_pairs,
+    judge,
+    paired_bootstrap,
+    too_few_pairs,
+    values_of,
+)
 
 
 def vals(level: float, seeds=(0, 1, 2), n: int = 12, jitter: float = 0.02, phase: float = 0.0):
@@ -133,6 +144,38 @@ def _synthetic(rng, seeds: int, n: int = 20, seed_sd: float = 0.04):
 
 def _protection(m):
     return _ratio(m["n"] - m["p"], m["n"] - m["f"])
+
+
+def test_too_few_pairs_give_no_interval_and_no_verdict():
+    # the chance that a replicate repeats one pair everywhere, against the 2.5% tail of a 95% interval
+    assert too_few_pairs([3]) and not too_few_pairs([4])  # 3 ** -3 = 3.7%, 4 ** -4 = 0.39%
+    assert too_few_pairs([1, 1, 1]) and not too_few_pairs([1, 1, 1, 1])  # a set-level metric over 3 or 4 seeds
+    assert not too_few_pairs([2, 2])  # 2 ** -2 * 2 ** -4 = 1.6%
+    assert too_few_pairs([1, 5])  # 1 in 4 replicates is the first seed's single image, twice
+    assert too_few_pairs([]) and fewest_pairs(0.95) == 4 and fewest_pairs(0.5) == 3
+    # three values: their mean, and no interval (the percentile bounds would be the smallest and largest value)
+    mean, low, high = bootstrap_ci([[0.1, 0.5, 0.9]])
+    assert mean == pytest.approx(0.5) and math.isnan(low) and math.isnan(high)
+    assert not math.isnan(bootstrap_ci([[0.1, 0.5, 0.9, 0.4]])[1])
+    # an audit of 3 images and one seed gets no verdict, whatever its effect; of 4, a verdict
+    v = verdict(_first(controls({"none": 0.40}), 3))
+    assert v.outcome == "no verdict" and "3 image(s) over 1 seed(s)" in v.sentence and "too few" in v.sentence
+    assert not v.protection.defined
+    assert verdict(_first(controls({"none": 0.40}), 4)).outcome == "protects"
+
+
+def _first(cs: ControlSet, n: int) -> ControlSet:
+    """``cs`` cut to its first seed's first ``n`` images."""
+
+    def cut(values: dict) -> dict:
+        return {0: dict(list(values[0].items())[:n])}
+
+    return ControlSet(
+        clean=cut(cs.clean),
+        floor=cut(cs.floor),
+        noise={p: cut(v) for p, v in cs.noise.items()},
+        protected={p: cut(v) for p, v in cs.protected.items()},
+    )
 
 
 def test_paired_bootstrap_covers_a_known_effect():
