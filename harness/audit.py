@@ -148,6 +148,20 @@ def _user_choices(common_user: Sequence[str]) -> dict[str, str]:
     return chosen
 
 
+def folder_name(label: str, common_user: Sequence[str]) -> str:
+    """The audit's folder under ``audits/``: the audited defense's label, then each ``dataset``, ``model`` or
+    ``metrics`` choice of the user's overrides and their options (``dataset=folder dataset.path=/art``) in the
+    order given, so that an audit of other images or another model writes its own report beside the default
+    one instead of replacing it. A name over 120 characters keeps its first 100 and a hash of the whole."""
+    import hashlib
+
+    chosen = [o.lstrip("+") for o in common_user if o.lstrip("+").partition("=")[0].split(".")[0] in USER_GROUPS]
+    name = safe_filename(" ".join([label, *chosen]))
+    if len(name) > 120:
+        name = f"{name[:100]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+    return name
+
+
 def _sweep_radii(audit: Any, budget: Budget | None) -> list[float]:
     """The radii of ``audit.budget_sweep`` (empty: no sweep). The sweep sets ``defense.eps``, the radius in the
     defense's own norm, so it refuses a defense whose budget is in another norm than the sweep's."""
@@ -292,7 +306,7 @@ def _plan(overrides: Sequence[str]) -> tuple[Any, str, list[tuple[str, str, list
 def run_audit(overrides: Sequence[str]) -> Path:
     """Run the audit for ``overrides`` (Hydra syntax, must include ``defense=<name>``). Returns the report."""
     cfg, label, cells, common = _plan(overrides)
-    out = Path(cfg.runtime.results_dir) / "audits" / safe_filename(label)
+    out = Path(cfg.runtime.results_dir) / "audits" / folder_name(label, common)
     # runtime settings (paths, device, progress, reuse_rows) never change a result: the recorded command leaves
     # them out, so an audit resumed elsewhere (runtime.reuse_rows=true) is the same audit
     command = "python -m harness.audit " + " ".join(o for o in overrides if not o.lstrip("+~").startswith("runtime."))

@@ -224,6 +224,20 @@ def test_the_users_dataset_model_or_metrics_replace_the_threat_models_defaults()
     assert all("~model" in cell for _, _, cell in cells)  # privacy uses no model, whatever the user names
 
 
+def test_an_audit_of_other_data_or_another_model_gets_its_own_folder():
+    """An audit's folder is named by the defense and the user's data set, model and metric choices, so that
+    `model=sd15` or another folder of art does not replace the report of the default audit."""
+    from harness.audit import folder_name
+
+    assert folder_name("photoguard_encoder", ["audit=quick", "runtime.progress=false"]) == "photoguard_encoder"
+    assert folder_name("photoguard_encoder", ["audit=quick", "model=sd15"]) == "photoguard_encoder-model-sd15"
+    art = folder_name("external[folder=/g]", ["dataset=folder", "dataset.path=/art/a", "dataset.size=native"])
+    assert art == "external-folder-g-dataset-folder-dataset.path-art-a-dataset.size-native"
+    assert art != folder_name("external[folder=/g]", ["dataset=folder", "dataset.path=/art/b", "dataset.size=native"])
+    long = folder_name("external", ["dataset=folder", "dataset.path=/" + "x" * 300])
+    assert len(long) == 113 and long != folder_name("external", ["dataset=folder", "dataset.path=/" + "x" * 301])
+
+
 def test_a_closed_tools_output_is_audited_on_the_users_folder(tmp_path):
     """The README's command for a closed tool, `defense=external defense.folder=... dataset=folder
     dataset.path=... dataset.size=native`, end to end on the tiny-random model: the files are read at their own
@@ -251,6 +265,7 @@ def test_a_closed_tools_output_is_audited_on_the_users_folder(tmp_path):
     )
     assert main(args) == 0
     (folder,) = (tmp_path / "R" / "audits").glob("*")
+    assert folder.name.startswith("external-folder-") and "-dataset-folder-" in folder.name  # tmp paths: hashed
     assert "## Budget actually used" in (folder / "report.md").read_text()
     (grid,) = folder.glob("grid_*.png")
     rows = [json.loads(p.read_text()) for p in (tmp_path / "R" / "audits").glob("*/runs/*.json")]
